@@ -1,0 +1,5 @@
+"""``python -m mlx_server``: the same as the ``mlx-server`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,210 @@
+"""The executor actor: one dedicated OS thread that owns every MLX call.
+
+It loads the model, then runs `BatchEngine` steps for as long as it has work, draining its inbox
+(admits, aborts, cache releases) between steps and blocking on it only when idle. Each step's
+events go back to the trio side through `TrioToken.run_sync_soon`, so the thread never waits for
+the event loop and the event loop never waits for MLX.
+
+MLX keeps a per-thread default stream, which is why this is one real `threading.Thread` and not
+`trio.to_thread`'s pool of threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from ..engine.batch import BatchEngine
+from ..engine.model import LoadedModel
+from ..errors import ModelLoadError
+from ..messages import (
+    Abort,
+    Admit,
+    ExecutorCommand,
+    ReleaseCache,
+    SequenceFailed,
+    Shutdown,
+    StepOutput,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Job:
+    """Arbitrary synchronous work that must run on the executor thread (e.g. embeddings).
+
+    The result or exception is delivered to `on_done` on the trio side."""
+
+    def __init__(self, fn: Callable[[LoadedModel], Any], on_done: Callable[[Any, BaseException | None], None]):
+        self.fn = fn
+        self.on_done = on_done
+
+
+class Executor:
+    """Handle to the executor thread. Created on the trio side; `serve` runs it."""
+
+    def __init__(
+        self,
+        load: Callable[[], LoadedModel],
+        *,
+        on_output: Callable[[StepOutput], None],
+        prefill_chunk: int = 512,
+        keep_caches: bool = True,
+    ) -> None:
+        self._load = load
+        self._on_output = on_output
+        self._prefill_chunk = prefill_chunk
+        self._keep_caches = keep_caches
+        self._inbox: queue.SimpleQueue[ExecutorCommand | Job] = queue.SimpleQueue()
+        self.loaded: LoadedModel | None = None
+        self.can_reuse_prefix = False
+        self.failure: BaseException | None = None
+
+    def send(self, command: ExecutorCommand | Job) -> None:
+        """Queue a command; never blocks (safe from the event loop)."""
+        self._inbox.put(command)
+
+    async def serve(self, *, task_status: trio.TaskStatus[LoadedModel] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the thread, wait for the model to load, report it, and live until cancelled."""
+        token = trio.lowlevel.current_trio_token()
+        loaded_event = trio.Event()
+        done_event = trio.Event()
+        outcome: dict[str, Any] = {}
+
+        def on_loaded(model: LoadedModel | None, exc: BaseException | None) -> None:
+            outcome["model"], outcome["exc"] = model, exc
+            loaded_event.set()
+
+        def thread_main() -> None:
+            try:
+                self._run(token, on_loaded)
+            finally:
+                try:
+                    token.run_sync_soon(done_event.set)
+                except trio.RunFinishedError:
+                    pass
+
+        thread = threading.Thread(target=thread_main, name="mlx-executor", daemon=True)
+        thread.start()
+        try:
+            await loaded_event.wait()
+            if outcome["exc"] is not None:
+                raise outcome["exc"]
+            task_status.started(outcome["model"])
+            await done_event.wait()
+            if self.failure is not None:
+                raise RuntimeError("the executor thread died") from self.failure
+        finally:
+            self._inbox.put(Shutdown())
+            with trio.CancelScope(shield=True):
+                await done_event.wait()
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _run(
+        self,
+        token: trio.lowlevel.TrioToken,
+        on_loaded: Callable[[LoadedModel | None, BaseException | None], None],
+    ) -> None:
+        try:
+            loaded = self._load()
+        except ModelLoadError as exc:
+            token.run_sync_soon(on_loaded, None, exc)
+            return
+        except BaseException as exc:
+            log.exception("model loading failed")
+            token.run_sync_soon(on_loaded, None, ModelLoadError(f"cannot load the model: {exc}"))
+            return
+        self.loaded = loaded
+        engine = BatchEngine(
+            loaded.model,
+            eos_token_ids=loaded.tokenizer.eos_token_ids,
+            vocab_size=_vocab_size(loaded),
+            prefill_chunk=self._prefill_chunk,
+            keep_caches=self._keep_caches,
+        )
+        self.can_reuse_prefix = engine.can_reuse
+        token.run_sync_soon(on_loaded, loaded, None)
+
+        def post(out: StepOutput) -> None:
+            try:
+                token.run_sync_soon(self._on_output, out)
+            except trio.RunFinishedError:
+                pass
+
+        while True:
+            command = self._inbox.get() if not engine.has_work else _get_nowait(self._inbox)
+            stop = False
+            while command is not None:
+                if isinstance(command, Shutdown):
+                    stop = True
+                    break
+                self._handle(engine, loaded, command, post, token)
+                command = _get_nowait(self._inbox)
+            if stop:
+                ended = engine.abort_all()
+                if ended:
+                    post(StepOutput(events=tuple(ended), batch_size=0))
+                return
+            if not engine.has_work:
+                continue
+            try:
+                events = engine.step()
+            except Exception as exc:
+                log.exception("executor step failed")
+                message = f"{type(exc).__name__}: {exc}"
+                failed = [
+                    SequenceFailed(request_id=s.request_id, message=message)
+                    for s in engine.abort_all("error")
+                ]
+                post(StepOutput(events=tuple(failed), batch_size=0))
+                continue
+            post(StepOutput(events=tuple(events), batch_size=len(engine.running)))
+
+    def _handle(
+        self,
+        engine: BatchEngine,
+        loaded: LoadedModel,
+        command: ExecutorCommand | Job,
+        post: Callable[[StepOutput], None],
+        token: trio.lowlevel.TrioToken,
+    ) -> None:
+        if isinstance(command, Admit):
+            progress = engine.admit(command)
+            post(StepOutput(events=(progress,), batch_size=len(engine.running)))
+        elif isinstance(command, Abort):
+            finished = engine.abort(command.request_id)
+            if finished is not None:
+                post(StepOutput(events=(finished,), batch_size=len(engine.running)))
+        elif isinstance(command, ReleaseCache):
+            engine.release(command.handles)
+        elif isinstance(command, Job):
+            try:
+                result, error = command.fn(loaded), None
+            except Exception as exc:
+                log.debug("job failed: %s", traceback.format_exc())
+                result, error = None, exc
+            try:
+                token.run_sync_soon(command.on_done, result, error)
+            except trio.RunFinishedError:
+                pass
+
+
+def _get_nowait(q: queue.SimpleQueue[Any]) -> Any:
+    try:
+        return q.get_nowait()
+    except queue.Empty:
+        return None
+
+
+def _vocab_size(loaded: LoadedModel) -> int:
+    size = loaded.config.get("vocab_size")
+    if isinstance(size, int):
+        return size
+    return loaded.tokenizer.vocab_size

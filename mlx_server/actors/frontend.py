@@ -1,0 +1,136 @@
+"""What the HTTP layer talks to: prompt preparation and generation streams.
+
+The API handlers never touch MLX, the tokenizer or the actors' internals; they build messages
+(`PromptSpec`, `GenerationRequest`) and read `StreamEvent`s. Chat templating and tokenization run
+in a worker thread so a long prompt never stalls the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import trio
+
+from ..engine.model import LoadedModel
+from ..errors import InvalidRequest
+from ..messages import GenerationRequest, PromptSpec, StreamEvent
+from .scheduler import Scheduler
+from .stream import RequestStream
+
+
+class Frontend:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        scheduler: Scheduler,
+        nursery: trio.Nursery,
+        *,
+        timeout: float,
+        default_max_tokens: int,
+    ) -> None:
+        self._loaded = loaded
+        self._scheduler = scheduler
+        self._nursery = nursery
+        self.default_max_tokens = default_max_tokens
+        self.vocab_size = loaded.tokenizer.vocab_size
+        self.timeout = timeout
+        self.model_name = loaded.name
+        self.created = int(time.time())
+        ctx = loaded.config.get("max_position_embeddings")
+        self.context_length: int = int(ctx) if isinstance(ctx, int) and ctx > 0 else 1 << 20
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self._scheduler
+
+    async def prompt_ids(self, spec: PromptSpec) -> tuple[int, ...]:
+        """Render and tokenize a prompt off the event loop."""
+        if spec.token_ids is not None:
+            vocab = self._loaded.tokenizer.vocab_size
+            bad = [t for t in spec.token_ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequest(f"token id {bad[0]} is out of range [0, {vocab})", param="prompt")
+            return spec.token_ids
+        return await trio.to_thread.run_sync(self._render_and_encode, spec)
+
+    def _render_and_encode(self, spec: PromptSpec) -> tuple[int, ...]:
+        tok = self._loaded.tokenizer
+        if spec.chat is not None:
+            messages: list[dict[str, Any]] = []
+            for m in spec.chat:
+                entry: dict[str, Any] = {"role": m.role, "content": m.content}
+                if m.name is not None:
+                    entry["name"] = m.name
+                for key, value in m.extra:
+                    entry[key] = json.loads(value)
+                messages.append(entry)
+            tools = json.loads(spec.tools_json) if spec.tools_json else None
+            kwargs = json.loads(spec.template_kwargs_json) if spec.template_kwargs_json else {}
+            text = self._loaded.template.render(
+                messages, add_generation_prompt=spec.add_generation_prompt, tools=tools, **kwargs
+            )
+            return tuple(tok.encode(text))
+        return tuple(tok.encode(spec.text or "", add_special_tokens=True))
+
+    def check_length(self, prompt_ids: tuple[int, ...], max_tokens: int) -> int:
+        """Validate the prompt against the context window; return the effective max_tokens."""
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty", param="messages")
+        room = self.context_length - len(prompt_ids)
+        if room <= 0:
+            raise InvalidRequest(
+                f"this model's maximum context length is {self.context_length} tokens; "
+                f"the prompt has {len(prompt_ids)}",
+                code="context_length_exceeded",
+                param="messages",
+            )
+        return min(max_tokens, room)
+
+    def start_stream(self, request: GenerationRequest) -> StreamHandle:
+        """Submit a request and start its stream actor; raises Overloaded (before anything is
+        sent to the client) when the server is full.
+
+        The actor lives in the runtime's streams nursery, not in the HTTP task, so no cancel
+        scope ever spans a response body's yields. Closing the handle (the response ended, or
+        the client went away) cancels the actor, whose exit removes the request from the
+        executor; a handle nobody closes still ends at the request's hard deadline."""
+        events = self._scheduler.submit(request)
+        deadline = trio.current_time() + self.timeout if math.isfinite(self.timeout) else math.inf
+        actor = RequestStream(
+            request,
+            events,
+            self._scheduler,
+            self._loaded.tokenizer,
+            deadline=deadline,
+            timeout=self.timeout,
+        )
+        out_send, out_recv = trio.open_memory_channel[StreamEvent](64)
+        scope = trio.CancelScope()
+        self._nursery.start_soon(actor.run, out_send, scope)
+        return StreamHandle(out_recv, scope)
+
+
+class StreamHandle:
+    """The consumer side of one request's stream; use as a (sync) context manager."""
+
+    def __init__(
+        self, events: trio.MemoryReceiveChannel[StreamEvent], scope: trio.CancelScope
+    ) -> None:
+        self.events = events
+        self._scope = scope
+
+    def close(self) -> None:
+        self._scope.cancel()
+        self.events.close()
+
+    def __enter__(self) -> trio.MemoryReceiveChannel[StreamEvent]:
+        return self.events
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def aclose(self) -> None:
+        self.close()

@@ -1,0 +1,181 @@
+"""The scheduler actor: admission, the bound on waiting requests, batch composition and aborts.
+
+It keeps up to `max_running` requests in the executor and a bounded queue of waiting ones, asks
+the cache manager for a reusable prompt prefix before admitting a request, and routes each
+executor event to the channel of the request it belongs to. It never blocks on the executor:
+commands go out through a thread-safe queue, step outputs come back into the inbox.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from ..errors import Overloaded
+from ..messages import (
+    Abort,
+    Admit,
+    ExecutorCommand,
+    GenerationRequest,
+    PrefillProgress,
+    SequenceFailed,
+    SequenceFinished,
+    StepOutput,
+    TokenOut,
+)
+from .cache import CacheManager
+
+log = logging.getLogger(__name__)
+
+EngineEvent = TokenOut | PrefillProgress | SequenceFinished | SequenceFailed
+
+
+@attrs.frozen(kw_only=True)
+class _Submit:
+    request: GenerationRequest
+    events: trio.MemorySendChannel[EngineEvent]
+
+
+@attrs.frozen(kw_only=True)
+class _AbortRequest:
+    request_id: str
+
+
+@attrs.define(eq=False)
+class _Tracked:
+    request: GenerationRequest
+    events: trio.MemorySendChannel[EngineEvent]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        send_to_executor: Callable[[ExecutorCommand], None],
+        cache: CacheManager,
+        *,
+        max_running: int,
+        max_waiting: int,
+    ) -> None:
+        self._to_executor = send_to_executor
+        self._cache = cache
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self._inbox_send, self._inbox_recv = trio.open_memory_channel[
+            _Submit | _AbortRequest | StepOutput
+        ](math.inf)
+        self._waiting: collections.OrderedDict[str, _Tracked] = collections.OrderedDict()
+        self._running: dict[str, _Tracked] = {}
+        self._submitted = 0  # accepted but not yet finished, counted at submit time
+        self.last_batch_size = 0
+        self.steps = 0
+
+    # -- called from other tasks (same trio thread) ----------------------------------------
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return max(0, self._submitted - len(self._running))
+
+    def submit(self, request: GenerationRequest) -> trio.MemoryReceiveChannel[EngineEvent]:
+        """Queue a request; its events arrive on the returned channel, ending with
+        SequenceFinished or SequenceFailed. Raises Overloaded when the queue is full."""
+        if self._submitted >= self.max_running + self.max_waiting:
+            raise Overloaded(
+                "the server is at capacity; retry later", code="server_overloaded", status=429
+            )
+        send, recv = trio.open_memory_channel[EngineEvent](math.inf)
+        self._submitted += 1
+        self._inbox_send.send_nowait(_Submit(request=request, events=send))
+        return recv
+
+    def abort(self, request_id: str) -> None:
+        """Ask for a request to be dropped (no-op if it has already finished)."""
+        try:
+            self._inbox_send.send_nowait(_AbortRequest(request_id=request_id))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def on_executor_output(self, output: StepOutput) -> None:
+        """Called (via run_sync_soon) on the trio thread for each executor step."""
+        try:
+            self._inbox_send.send_nowait(output)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    # -- the actor -------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            async for msg in self._inbox_recv:
+                if isinstance(msg, _Submit):
+                    self._waiting[msg.request.request_id] = _Tracked(
+                        request=msg.request, events=msg.events
+                    )
+                elif isinstance(msg, _AbortRequest):
+                    self._abort(msg.request_id)
+                else:
+                    self._route(msg)
+                await self._admit()
+        finally:
+            for tracked in [*self._waiting.values(), *self._running.values()]:
+                tracked.events.close()
+
+    def _abort(self, request_id: str) -> None:
+        tracked = self._waiting.pop(request_id, None)
+        if tracked is not None:
+            self._submitted -= 1
+            _deliver(
+                tracked,
+                SequenceFinished(
+                    request_id=request_id,
+                    finish_reason="abort",
+                    prompt_tokens=len(tracked.request.prompt_ids),
+                    cached_tokens=0,
+                    completion_tokens=0,
+                ),
+            )
+            tracked.events.close()
+        elif request_id in self._running:
+            self._to_executor(Abort(request_id=request_id))
+
+    def _route(self, output: StepOutput) -> None:
+        self.steps += 1
+        self.last_batch_size = output.batch_size
+        for event in output.events:
+            tracked = self._running.get(event.request_id)
+            if tracked is None:
+                continue
+            if isinstance(event, SequenceFinished | SequenceFailed):
+                del self._running[event.request_id]
+                self._submitted -= 1
+                if isinstance(event, SequenceFinished) and event.stored is not None:
+                    self._cache.store(event.stored)
+                _deliver(tracked, event)
+                tracked.events.close()
+            elif not _deliver(tracked, event):
+                # The stream actor is gone (client disconnected); stop generating.
+                self._to_executor(Abort(request_id=event.request_id))
+
+    async def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.max_running:
+            rid, tracked = self._waiting.popitem(last=False)
+            prefix = await self._cache.lookup(tracked.request.prompt_ids)
+            self._running[rid] = tracked
+            self._to_executor(Admit(request=tracked.request, prefix=prefix))
+
+
+def _deliver(tracked: _Tracked, event: EngineEvent) -> bool:
+    try:
+        tracked.events.send_nowait(event)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+    return True

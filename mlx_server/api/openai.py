@@ -1,0 +1,327 @@
+"""OpenAI-compatible routes: chat completions (streaming and not) and the model list."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from quart import Blueprint, Response
+
+from ..errors import InvalidRequest
+from ..messages import (
+    ChatMessage,
+    Failed,
+    Finished,
+    GenerationRequest,
+    Heartbeat,
+    PromptSpec,
+    SamplingParams,
+    TextDelta,
+    TokenLogprob,
+    Usage,
+)
+from . import sse
+from .errors import openai_error, openai_error_body
+from .params import Fields, json_body
+from .state import frontend
+
+bp = Blueprint("openai", __name__)
+
+SYSTEM_FINGERPRINT = "mlx-server"
+_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+
+
+# -- request parsing ---------------------------------------------------------------------------
+
+
+def _content_text(content: Any, where: str) -> str | None:
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts: list[str] = []
+        for j, part in enumerate(content):
+            if isinstance(part, str):
+                parts.append(part)
+                continue
+            if not isinstance(part, dict):
+                raise InvalidRequest(f"'{where}[{j}]' must be an object", param=f"{where}[{j}]")
+            kind = part.get("type")
+            if kind in ("text", "input_text") and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif kind in ("image_url", "input_image", "input_audio", "file"):
+                raise InvalidRequest(
+                    f"'{where}[{j}]': content type {kind!r} is not supported by this text-only model",
+                    param=f"{where}[{j}]",
+                )
+            else:
+                raise InvalidRequest(
+                    f"'{where}[{j}]': unknown content part type {kind!r}", param=f"{where}[{j}]"
+                )
+        return "".join(parts)
+    raise InvalidRequest(f"'{where}' must be a string or a list of content parts", param=where)
+
+
+def parse_chat_messages(raw: Any) -> tuple[ChatMessage, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise InvalidRequest("'messages' must be a non-empty array", param="messages")
+    out: list[ChatMessage] = []
+    import json
+
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise InvalidRequest(f"'{where}' must be an object", param=where)
+        role = m.get("role")
+        if role not in _ROLES:
+            raise InvalidRequest(
+                f"'{where}.role' must be one of {sorted(_ROLES)}, got {role!r}", param=f"{where}.role"
+            )
+        content = _content_text(m.get("content"), f"{where}.content")
+        if content is None and role in ("system", "developer", "user"):
+            raise InvalidRequest(f"'{where}.content' is required", param=f"{where}.content")
+        extra: list[tuple[str, str]] = []
+        for key in ("tool_calls", "tool_call_id", "reasoning_content"):
+            if m.get(key) is not None:
+                extra.append((key, json.dumps(m[key])))
+        name = m.get("name") if isinstance(m.get("name"), str) else None
+        out.append(
+            ChatMessage(
+                role="system" if role == "developer" else role,
+                content=content,
+                name=name,
+                extra=tuple(extra),
+            )
+        )
+    return tuple(out)
+
+
+def parse_sampling(f: Fields, *, vocab_size: int) -> SamplingParams:
+    temperature = f.number("temperature", 1.0, lo=0.0, hi=2.0)
+    top_p = f.number("top_p", 1.0, lo=0.0, hi=1.0)
+    top_k = f.integer("top_k", 0, lo=0)
+    min_p = f.number("min_p", 0.0, lo=0.0, hi=1.0)
+    rep = f.number("repetition_penalty", 1.0, lo=0.01, hi=10.0)
+    presence = f.number("presence_penalty", 0.0, lo=-2.0, hi=2.0)
+    frequency = f.number("frequency_penalty", 0.0, lo=-2.0, hi=2.0)
+    seed = f.integer("seed", None)
+    bias_raw = f.obj("logit_bias") or {}
+    bias: list[tuple[int, float]] = []
+    for k, v in bias_raw.items():
+        try:
+            tid = int(k)
+        except ValueError:
+            raise InvalidRequest(f"'logit_bias' key {k!r} is not a token id", param="logit_bias") from None
+        if not 0 <= tid < vocab_size:
+            raise InvalidRequest(f"'logit_bias' token id {tid} is out of range", param="logit_bias")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not -100 <= v <= 100:
+            raise InvalidRequest("'logit_bias' values must be numbers in [-100, 100]", param="logit_bias")
+        bias.append((tid, float(v)))
+    assert temperature is not None and top_p is not None and top_k is not None
+    assert min_p is not None and rep is not None and presence is not None and frequency is not None
+    return SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=rep,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        seed=seed,
+        logit_bias=tuple(bias),
+    )
+
+
+def usage_json(usage: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def logprob_json(lp: TokenLogprob) -> dict[str, Any]:
+    return {
+        "token": lp.token,
+        "logprob": lp.logprob,
+        "bytes": list(lp.token.encode("utf-8")),
+        "top_logprobs": [
+            {"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))} for t, _, v in lp.top
+        ],
+    }
+
+
+# -- routes ------------------------------------------------------------------------------------
+
+
+@bp.get("/v1/models")
+async def list_models() -> Response | dict[str, Any]:
+    fe = frontend()
+    return {
+        "object": "list",
+        "data": [
+            {"id": fe.model_name, "object": "model", "created": fe.created, "owned_by": "mlx-server"}
+        ],
+    }
+
+
+@bp.get("/v1/models/<path:model_id>")
+async def get_model(model_id: str) -> Response | dict[str, Any]:
+    fe = frontend()
+    if model_id != fe.model_name:
+        return openai_error(f"model {model_id!r} not found", status=404, code="model_not_found")
+    return {"id": fe.model_name, "object": "model", "created": fe.created, "owned_by": "mlx-server"}
+
+
+@bp.post("/v1/chat/completions")
+async def chat_completions() -> Response | dict[str, Any]:
+    fe = frontend()
+    body = await json_body()
+    f = Fields(body)
+    if not isinstance(body.get("model", ""), str):
+        raise InvalidRequest("'model' must be a string", param="model")
+    chat = parse_chat_messages(body.get("messages"))
+    stream = f.boolean("stream", False)
+    n = f.integer("n", 1, lo=1, hi=1)
+    assert n == 1
+    max_tokens = f.integer("max_completion_tokens", None, lo=1)
+    if max_tokens is None:
+        max_tokens = f.integer("max_tokens", None, lo=1)
+    sampling = parse_sampling(f, vocab_size=fe.vocab_size)
+    want_logprobs = f.boolean("logprobs", False)
+    top_logprobs = f.integer("top_logprobs", 0, lo=0, hi=20) or 0
+    if top_logprobs and not want_logprobs:
+        raise InvalidRequest("'top_logprobs' requires 'logprobs': true", param="top_logprobs")
+    if want_logprobs:
+        sampling = sampling.__class__(
+            **{**_fields(sampling), "logprobs": True, "top_logprobs": top_logprobs}
+        )
+    stop = f.stop_list("stop")
+    stream_options = f.obj("stream_options") or {}
+    include_usage = bool(stream_options.get("include_usage")) if stream else False
+    if body.get("stream_options") is not None and not stream:
+        raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    rf = f.obj("response_format")
+    if rf is not None and rf.get("type") not in (None, "text"):
+        raise InvalidRequest(
+            f"response_format type {rf.get('type')!r} is not supported yet", param="response_format"
+        )
+    if body.get("tools"):
+        raise InvalidRequest("'tools' are not supported yet", param="tools")
+
+    prompt_ids = await fe.prompt_ids(PromptSpec(chat=chat))
+    limit = fe.check_length(prompt_ids, max_tokens or fe.default_max_tokens)
+    request = GenerationRequest(
+        request_id=f"chatcmpl-{uuid.uuid4().hex}",
+        prompt_ids=prompt_ids,
+        sampling=sampling,
+        max_tokens=limit,
+        stop=stop,
+    )
+    created = int(time.time())
+    if stream:
+        return await _stream_chat(fe, request, created, include_usage, want_logprobs)
+    return await _complete_chat(fe, request, created, want_logprobs)
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    import attrs
+
+    return attrs.asdict(obj, recurse=False)
+
+
+async def _complete_chat(
+    fe: Any, request: GenerationRequest, created: int, want_logprobs: bool
+) -> Response | dict[str, Any]:
+    texts: list[str] = []
+    logprobs: list[dict[str, Any]] = []
+    with fe.start_stream(request) as events:
+        async for ev in events:
+            if isinstance(ev, TextDelta):
+                texts.append(ev.text)
+                logprobs.extend(logprob_json(lp) for lp in ev.logprobs)
+            elif isinstance(ev, Failed):
+                return openai_error(ev.message, status=ev.status, kind=ev.kind)
+            elif isinstance(ev, Finished):
+                return {
+                    "id": request.request_id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": fe.model_name,
+                    "system_fingerprint": SYSTEM_FINGERPRINT,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "".join(texts), "refusal": None},
+                            "logprobs": {"content": logprobs, "refusal": None} if want_logprobs else None,
+                            "finish_reason": ev.finish_reason if ev.finish_reason in ("stop", "length") else "stop",
+                        }
+                    ],
+                    "usage": usage_json(ev.usage),
+                }
+    return openai_error("the generation ended without a result", status=500)
+
+
+async def _stream_chat(
+    fe: Any, request: GenerationRequest, created: int, include_usage: bool, want_logprobs: bool
+) -> Response:
+    # Submit now so that a full queue is a 429 before any byte is sent.
+    handle = fe.start_stream(request)
+    events = handle.events
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, lps: list[Any] | None = None) -> bytes:
+        obj: dict[str, Any] = {
+            "id": request.request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": fe.model_name,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": {"content": lps, "refusal": None} if lps is not None else None,
+                    "finish_reason": finish,
+                }
+            ],
+        }
+        if include_usage:
+            obj["usage"] = None
+        return sse.data(obj)
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            async for ev in events:
+                if isinstance(ev, TextDelta):
+                    lps = [logprob_json(lp) for lp in ev.logprobs] if want_logprobs else None
+                    if ev.text or lps:
+                        yield chunk({"content": ev.text}, lps=lps)
+                elif isinstance(ev, Heartbeat):
+                    yield sse.KEEPALIVE
+                elif isinstance(ev, Failed):
+                    yield sse.data(openai_error_body(ev.message, status=ev.status, kind=ev.kind))
+                    break
+                elif isinstance(ev, Finished):
+                    finish = ev.finish_reason if ev.finish_reason in ("stop", "length") else "stop"
+                    yield chunk({}, finish)
+                    if include_usage:
+                        yield sse.data(
+                            {
+                                "id": request.request_id,
+                                "object": "chat.completion.chunk",
+                                "created": created,
+                                "model": fe.model_name,
+                                "system_fingerprint": SYSTEM_FINGERPRINT,
+                                "choices": [],
+                                "usage": usage_json(ev.usage),
+                            }
+                        )
+                    break
+            yield sse.DONE
+        finally:
+            handle.close()
+
+    return Response(sse.ClosingBody(body(), handle.close), status=200, headers=sse.SSE_HEADERS)

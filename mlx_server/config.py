@@ -1,0 +1,324 @@
+"""Server settings: defaults, then ``MLX_SERVER_*`` environment variables, then CLI flags.
+
+Every setting has a flag (``--port``) and an environment variable (``MLX_SERVER_PORT``).
+Later sources win: a flag overrides the environment, which overrides the default.
+
+Bad values are reported through the parser's ``error``, which prints a single
+``mlx-server: error: ...`` line on stderr (no usage block) and exits with status 2.
+A bad environment value is reported under the variable's name; a bad flag under the flag's.
+An environment variable that a flag overrides is not checked. An empty environment
+variable counts as unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from fractions import Fraction
+from importlib import metadata
+from typing import Any, NoReturn
+
+import attrs
+
+PROG = "mlx-server"
+ENV_PREFIX = "MLX_SERVER_"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """Everything the server needs to start. ``model=None`` means the bundled default model."""
+
+    model: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 8000
+    max_tokens: int = 32768
+    api_key: str | None = None
+    rate_limit: int = 0
+    timeout: float = 300.0
+    log_level: str = "info"
+    max_batch_size: int = 32
+    max_queue: int = 256
+    prefill_chunk: int = 512
+    prompt_cache_bytes: int = 1 << 30
+    served_model_name: str | None = None
+
+
+class _BadValue(ValueError):
+    """A value a converter rejected; its message names the problem, not the source."""
+
+
+# --------------------------------------------------------------------------- converters
+
+
+def _int(value: str, what: str) -> int:
+    try:
+        return int(value.strip(), 10)
+    except ValueError:
+        raise _BadValue(f"invalid {what} {value!r} (must be an integer)") from None
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value.strip(), 10)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise _BadValue(f"invalid port {value!r} (must be 1-65535)")
+    return port
+
+
+def _at_least(minimum: int, what: str) -> Callable[[str], int]:
+    def convert(value: str) -> int:
+        number = _int(value, what)
+        if number < minimum:
+            raise _BadValue(f"invalid {what} {value!r} (must be >= {minimum})")
+        return number
+
+    return convert
+
+
+def _timeout(value: str) -> float:
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        raise _BadValue(f"invalid timeout {value!r} (must be a number of seconds)") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise _BadValue(f"invalid timeout {value!r} (must be a number of seconds > 0)")
+    return seconds
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().lower()
+    if level not in LOG_LEVELS:
+        raise _BadValue(f"invalid log level {value!r} (must be one of {', '.join(LOG_LEVELS)})")
+    return level
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_size(value: str) -> int:
+    """Parse a byte count: ``1073741824``, ``512M``, ``2G``, ``1GiB``, ``1.5g``, ``64KB``.
+
+    Suffixes K, M, G, T are binary (powers of 1024), with or without a trailing ``B``/``iB``.
+    Raises :class:`ValueError` on anything else (including negative sizes).
+    """
+    match = _SIZE_RE.match(value)
+    if match is None or (match.group(3) and match.group(3).lower() == "ib" and not match.group(2)):
+        raise _BadValue(f"invalid size {value!r} (use bytes or a suffix: 512M, 2G, 1GiB)")
+    number, unit = match.group(1), match.group(2).lower()
+    # Fraction keeps "1.5G" exact; a fractional byte count is rounded to the nearest byte.
+    return round(Fraction(number) * 1024 ** _SIZE_POWERS[unit])
+
+
+def _size(value: str) -> int:
+    return parse_size(value)
+
+
+def _text(what: str) -> Callable[[str], str]:
+    def convert(value: str) -> str:
+        if not value.strip():
+            raise _BadValue(f"invalid {what} {value!r} (must not be empty)")
+        return value
+
+    return convert
+
+
+def _model(value: str) -> str:
+    value = _text("model")(value).strip()
+    # ``--model=~/models/x`` reaches us unexpanded; a hub id never starts with "~".
+    return os.path.expanduser(value) if value.startswith("~") else value
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@attrs.frozen
+class _Option:
+    field: str
+    convert: Callable[[str], Any]
+    help: str
+    metavar: str
+    shown_default: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.field.upper()
+
+
+_OPTIONS: tuple[_Option, ...] = (
+    _Option(
+        "model",
+        _model,
+        "Model to serve: a local MLX model directory, a .gguf file, or a Hugging Face "
+        "repo id (fetched through the Hugging Face cache, ~/.cache/huggingface/hub). "
+        "When unset, the bundled default model is served.",
+        "PATH_OR_REPO",
+        "unset, i.e. the bundled default model",
+    ),
+    _Option("host", _text("host"), "Address to bind.", "HOST", "0.0.0.0"),
+    _Option("port", _port, "Port to bind (1-65535).", "PORT", "8000"),
+    _Option(
+        "max_tokens",
+        _at_least(1, "max tokens"),
+        "Default maximum number of tokens to generate per request.",
+        "N",
+        "32768",
+    ),
+    _Option(
+        "api_key",
+        _text("api key"),
+        "Bearer token clients must send; authentication is off when unset.",
+        "KEY",
+        "none",
+    ),
+    _Option(
+        "rate_limit",
+        _at_least(0, "rate limit"),
+        "Requests per minute per client; 0 disables rate limiting.",
+        "N",
+        "0",
+    ),
+    _Option("timeout", _timeout, "Request timeout in seconds.", "SECONDS", "300"),
+    _Option(
+        "log_level",
+        _log_level,
+        f"Log level: {', '.join(LOG_LEVELS)} (case-insensitive).",
+        "LEVEL",
+        "info",
+    ),
+    _Option(
+        "max_batch_size",
+        _at_least(1, "max batch size"),
+        "Most requests decoded together in one step.",
+        "N",
+        "32",
+    ),
+    _Option(
+        "max_queue",
+        _at_least(1, "max queue"),
+        "Most requests waiting for a batch slot; more are refused with 429.",
+        "N",
+        "256",
+    ),
+    _Option(
+        "prefill_chunk",
+        _at_least(1, "prefill chunk"),
+        "Prompt tokens processed per step.",
+        "N",
+        "512",
+    ),
+    _Option(
+        "prompt_cache_bytes",
+        _size,
+        "Memory for the prompt (KV prefix) cache: bytes, or with a binary suffix such as "
+        "512M, 2G, 1GiB; 0 disables it.",
+        "SIZE",
+        "1GiB",
+    ),
+    _Option(
+        "served_model_name",
+        _text("served model name"),
+        "Model name reported by /v1/models and echoed in responses; derived from the "
+        "model when unset.",
+        "NAME",
+        "derived from the model",
+    ),
+)
+
+# Environment variables read, in order, for each field (the first set one wins).
+_ENV_NAMES: dict[str, tuple[str, ...]] = {o.field: (o.env,) for o in _OPTIONS}
+_ENV_NAMES["log_level"] = ("MLX_SERVER_LOG_LEVEL", "LOG_LEVEL")
+
+assert {o.field for o in _OPTIONS} == {f.name for f in attrs.fields(Settings)}
+
+
+def _version() -> str:
+    try:
+        return metadata.version("mlx-server")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _flag_type(option: _Option) -> Callable[[str], Any]:
+    """Wrap a converter so argparse reports its message under the flag's name."""
+
+    def convert(value: str) -> Any:
+        try:
+            return option.convert(value)
+        except _BadValue as exc:
+            # argparse prints ArgumentTypeError messages verbatim after "argument --flag: ".
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = option.field
+    return convert
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are a single ``mlx-server: error: ...`` line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description=(
+            "OpenAI- and Anthropic-compatible inference server for MLX. Every setting can "
+            "also come from an environment variable; flags override the environment, which "
+            "overrides the defaults."
+        ),
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    for option in _OPTIONS:
+        envs = " or ".join(_ENV_NAMES[option.field])
+        parser.add_argument(
+            option.flag,
+            dest=option.field,
+            type=_flag_type(option),
+            default=None,
+            metavar=option.metavar,
+            help=f"{option.help} [env: {envs}; default: {option.shown_default}]",
+        )
+    return parser
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Resolve settings from defaults, ``environ`` (default ``os.environ``) and ``argv``.
+
+    ``argv`` excludes the program name (default ``sys.argv[1:]``). On a bad value, an
+    unknown flag, ``--help`` or ``--version`` this raises :class:`SystemExit` like argparse.
+    """
+    env = os.environ if environ is None else environ
+    parser = build_parser()
+    flags = parser.parse_args(None if argv is None else list(argv))
+
+    values: dict[str, Any] = {}
+    for option in _OPTIONS:
+        flag_value = getattr(flags, option.field)
+        if flag_value is not None:
+            values[option.field] = flag_value
+            continue
+        for name in _ENV_NAMES[option.field]:
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[option.field] = option.convert(raw)
+            except _BadValue as exc:
+                parser.error(f"{name}: {exc}")
+            break
+    return Settings(**values)

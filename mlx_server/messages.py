@@ -1,0 +1,258 @@
+"""The whole message vocabulary of the server, in one place.
+
+API handlers, the scheduler, the executor, the cache manager and the per-request stream actors talk
+only through these frozen classes. Nothing here imports MLX, trio or quart: messages are plain
+data, and the tuples inside them are immutable so a message can cross threads safely.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+FinishReason = Literal["stop", "length", "abort", "error", "timeout"]
+
+
+# --------------------------------------------------------------------------------------------
+# What a request asks for
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class SamplingParams:
+    """How to choose each next token. temperature 0 means greedy."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0 or self.top_k == 1
+
+
+@attrs.frozen(kw_only=True)
+class ChatMessage:
+    """One turn of a conversation, already flattened to text for the chat template.
+
+    `extra` carries template fields such as tool calls as (key, JSON text) pairs."""
+
+    role: str
+    content: str | None
+    name: str | None = None
+    extra: tuple[tuple[str, str], ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class PromptSpec:
+    """What to turn into prompt token ids: a chat, a raw text, or ids already tokenized."""
+
+    chat: tuple[ChatMessage, ...] | None = None
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    add_generation_prompt: bool = True
+    tools_json: str | None = None
+    template_kwargs_json: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class GenerationRequest:
+    """A request as the scheduler sees it, after the prompt has been tokenized."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# Scheduler <-> executor
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class CachedPrefix:
+    """A stored KV state the executor holds under `handle`, covering `length` prompt tokens."""
+
+    handle: int
+    length: int
+
+
+@attrs.frozen(kw_only=True)
+class Admit:
+    """Start prefilling a request (optionally from a cached prefix)."""
+
+    request: GenerationRequest
+    prefix: CachedPrefix | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Abort:
+    """Drop a request from the executor's batch at the next step boundary."""
+
+    request_id: str
+
+
+@attrs.frozen(kw_only=True)
+class ReleaseCache:
+    """The cache manager evicted these stored KV states; the executor frees them."""
+
+    handles: tuple[int, ...]
+
+
+@attrs.frozen(kw_only=True)
+class Shutdown:
+    """Stop the executor thread."""
+
+
+ExecutorCommand = Admit | Abort | ReleaseCache | Shutdown
+
+
+@attrs.frozen(kw_only=True)
+class TopLogprob:
+    token_id: int
+    logprob: float
+
+
+@attrs.frozen(kw_only=True)
+class TokenOut:
+    """One generated token of one request."""
+
+    request_id: str
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class StoredCache:
+    """A finished request's KV state, kept by the executor under `handle`."""
+
+    handle: int
+    token_ids: tuple[int, ...]
+    nbytes: int
+
+
+@attrs.frozen(kw_only=True)
+class PrefillProgress:
+    """A chunk of a request's prompt was processed (drives keepalives)."""
+
+    request_id: str
+    done: int
+    total: int
+    cached: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class SequenceFinished:
+    """The executor is done with a request: it hit EOS, its token limit, or was aborted."""
+
+    request_id: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    stored: StoredCache | None = None
+
+
+@attrs.frozen(kw_only=True)
+class SequenceFailed:
+    """The executor raised while working on a request."""
+
+    request_id: str
+    message: str
+
+
+@attrs.frozen(kw_only=True)
+class StepOutput:
+    """Everything one executor step produced, in order."""
+
+    events: tuple[TokenOut | PrefillProgress | SequenceFinished | SequenceFailed, ...]
+    batch_size: int
+
+
+# --------------------------------------------------------------------------------------------
+# Scheduler <-> cache manager
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class CacheLookup:
+    prompt_ids: tuple[int, ...]
+
+
+@attrs.frozen(kw_only=True)
+class CacheStore:
+    stored: StoredCache
+
+
+# --------------------------------------------------------------------------------------------
+# Stream actor -> API handler
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@attrs.frozen(kw_only=True)
+class TokenLogprob:
+    """A generated token with its log-probability, as text and bytes for the API."""
+
+    token: str
+    token_id: int
+    logprob: float
+    top: tuple[tuple[str, int, float], ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class TextDelta:
+    """New text for the client (never a broken UTF-8 sequence, never part of a stop string)."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class Heartbeat:
+    """The prompt is still being processed; lets SSE send a keepalive."""
+
+
+@attrs.frozen(kw_only=True)
+class Finished:
+    """The generation ended normally (or by timeout); carries the usage."""
+
+    finish_reason: FinishReason
+    usage: Usage
+    stop_sequence: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Failed:
+    """The generation ended with an error after it had started."""
+
+    message: str
+    kind: str = "api_error"
+    status: int = 500
+
+
+StreamEvent = TextDelta | Heartbeat | Finished | Failed
