@@ -219,6 +219,7 @@ async def chat_completions() -> Response | dict[str, Any]:
         sampling=sampling,
         max_tokens=limit,
         stop=stop,
+        ignore_eos=f.boolean("ignore_eos", False),
     )
     created = int(time.time())
     if stream:

@@ -1,0 +1,30 @@
+# mlx-server developer tasks. `uv run just <task>` works without installing just globally.
+
+default:
+    @just --list
+
+# Serve the default model (or pass flags: just serve --model mlx-community/...)
+serve *ARGS:
+    uv run mlx-server {{ARGS}}
+
+# The whole test suite (what CI runs)
+test *ARGS:
+    uv run pytest {{ARGS}}
+
+# Lint and format check
+lint:
+    uv run ruff check mlx_server tests bench examples
+    uv run ruff format --check mlx_server tests bench examples
+
+# Format in place
+fmt:
+    uv run ruff format mlx_server tests bench examples
+    uv run ruff check --fix mlx_server tests bench examples
+
+# Static type check
+typecheck:
+    uv run pyright
+
+# Benchmarks: decode tokens/s through HTTP vs mlx-lm, and aggregate with concurrent streams
+bench *ARGS:
+    uv run python -m bench.throughput {{ARGS}}

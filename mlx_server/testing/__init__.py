@@ -1,0 +1,1 @@
+"""Helpers for tests and for users' own tests: a real server process, tiny models, fakes."""

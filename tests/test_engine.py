@@ -1,0 +1,161 @@
+"""The batch engine against mlx-lm's own generation, on tiny random-weight models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+import pytest
+from mlx_lm.generate import generate_step
+
+from mlx_server.engine.batch import BatchEngine
+from mlx_server.engine.model import load
+from mlx_server.messages import (
+    Admit,
+    CachedPrefix,
+    GenerationRequest,
+    SamplingParams,
+    SequenceFinished,
+    TokenOut,
+)
+from mlx_server.testing.tiny import build_tiny_model
+
+TOPICS = ["cats", "dogs", "the sea and the sky", "x", "prime numbers 1 2 3", "a", "bb", "ccc"]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    build_tiny_model(path, "llama")
+    return path
+
+
+def reference(model, prompt: list[int], n: int, eos: set[int] | None = None) -> list[int]:
+    out: list[int] = []
+    for tok, _ in generate_step(
+        mx.array(prompt), model, max_tokens=n, sampler=lambda lp: mx.argmax(lp, axis=-1)
+    ):
+        out.append(int(tok))
+        if eos and int(tok) in eos:
+            break
+    return out
+
+
+def run(engine: BatchEngine, admits: list[Admit]) -> tuple[dict[str, list[int]], dict[str, SequenceFinished]]:
+    tokens: dict[str, list[int]] = {a.request.request_id: [] for a in admits}
+    done: dict[str, SequenceFinished] = {}
+    for a in admits:
+        engine.admit(a)
+    while engine.has_work:
+        for ev in engine.step():
+            if isinstance(ev, TokenOut):
+                tokens[ev.request_id].append(ev.token_id)
+            elif isinstance(ev, SequenceFinished):
+                done[ev.request_id] = ev
+    return tokens, done
+
+
+def greedy(rid: str, prompt: list[int], n: int) -> Admit:
+    return Admit(
+        request=GenerationRequest(
+            request_id=rid,
+            prompt_ids=tuple(prompt),
+            sampling=SamplingParams(temperature=0.0),
+            max_tokens=n,
+            ignore_eos=True,
+        )
+    )
+
+
+def test_batched_greedy_equals_mlx_lm(tiny_llama: Path) -> None:
+    ref_model, ref_tok = mlx_lm.load(str(tiny_llama))
+    prompts = [
+        ref_tok.apply_chat_template(
+            [{"role": "user", "content": f"Tell me about {t}"}], add_generation_prompt=True
+        )
+        for t in TOPICS
+    ]
+    expected = [reference(ref_model, p, 20) for p in prompts]
+
+    loaded = load(str(tiny_llama))
+    # Our own template and tokenizer build the same prompts as mlx-lm's.
+    ours = [
+        loaded.tokenizer.encode(loaded.template.render([{"role": "user", "content": f"Tell me about {t}"}]))
+        for t in TOPICS
+    ]
+    assert ours == prompts
+
+    # Small prefill chunks so prompts are read over several steps while others decode.
+    engine = BatchEngine(loaded.model, eos_token_ids=[], vocab_size=loaded.tokenizer.vocab_size, prefill_chunk=7)
+    tokens, done = run(engine, [greedy(str(i), p, 20) for i, p in enumerate(prompts)])
+    for i in range(len(prompts)):
+        assert tokens[str(i)] == expected[i], f"prompt {i} diverged"
+        assert done[str(i)].finish_reason == "length"
+        assert done[str(i)].completion_tokens == 20
+    assert not engine.running and engine.batch_cache is None
+
+    # One at a time gives the same as all at once.
+    for i, p in enumerate(prompts[:3]):
+        alone, _ = run(engine, [greedy(f"alone{i}", p, 20)])
+        assert alone[f"alone{i}"] == expected[i]
+
+
+def test_prefix_reuse_gives_same_tokens(tiny_llama: Path) -> None:
+    loaded = load(str(tiny_llama))
+    engine = BatchEngine(loaded.model, eos_token_ids=[], vocab_size=loaded.tokenizer.vocab_size, prefill_chunk=16)
+    prompt = loaded.tokenizer.encode(loaded.template.render([{"role": "user", "content": "Hello there, how are you?"}]))
+    first, done = run(engine, [greedy("a", prompt, 8)])
+    stored = done["a"].stored
+    assert stored is not None and stored.token_ids == (*prompt, *first["a"][:-1])
+    # A follow-up turn that extends the first conversation reuses its KV state.
+    longer = [*prompt, *first["a"], 198, 42, 43]
+    fresh, _ = run(engine, [greedy("fresh", longer, 8)])
+    reused, done2 = run(engine, [Admit(request=greedy("b", longer, 8).request, prefix=CachedPrefix(handle=stored.handle, length=len(stored.token_ids)))])
+    assert done2["b"].cached_tokens == len(stored.token_ids)
+    assert reused["b"] == fresh["fresh"]
+
+
+def test_eos_and_stop_tokens_end_generation(tiny_llama: Path) -> None:
+    loaded = load(str(tiny_llama))
+    prompt = loaded.tokenizer.encode("Once upon a time")
+    engine = BatchEngine(loaded.model, eos_token_ids=[], vocab_size=loaded.tokenizer.vocab_size)
+    free, _ = run(engine, [greedy("free", prompt, 6)])
+    stop_at = free["free"][2]
+    req = GenerationRequest(
+        request_id="s", prompt_ids=tuple(prompt), sampling=SamplingParams(temperature=0.0),
+        max_tokens=6, stop_token_ids=(stop_at,),
+    )
+    tokens, done = run(engine, [Admit(request=req)])
+    first_hit = free["free"].index(stop_at)
+    assert tokens["s"] == free["free"][:first_hit]  # the stop token itself is not shown
+    assert done["s"].finish_reason == "stop"
+    assert done["s"].completion_tokens == first_hit + 1
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_llama: Path) -> None:
+    loaded = load(str(tiny_llama))
+    engine = BatchEngine(loaded.model, eos_token_ids=[], vocab_size=loaded.tokenizer.vocab_size)
+    prompt = tuple(loaded.tokenizer.encode("The weather today"))
+
+    def seeded(rid: str, seed: int) -> Admit:
+        return Admit(request=GenerationRequest(
+            request_id=rid, prompt_ids=prompt, max_tokens=12,
+            sampling=SamplingParams(temperature=1.5, top_p=0.95, top_k=50, seed=seed),
+        ))
+
+    alone, _ = run(engine, [seeded("a", 7)])
+    together, _ = run(engine, [seeded("b", 7), seeded("c", 8), greedy("d", list(prompt), 12)])
+    assert alone["a"] == together["b"]
+    assert together["b"] != together["c"]
+
+
+def test_logit_bias_forces_a_token(tiny_llama: Path) -> None:
+    loaded = load(str(tiny_llama))
+    engine = BatchEngine(loaded.model, eos_token_ids=[], vocab_size=loaded.tokenizer.vocab_size)
+    req = GenerationRequest(
+        request_id="bias", prompt_ids=tuple(loaded.tokenizer.encode("Hi")), max_tokens=4,
+        sampling=SamplingParams(temperature=0.0, logit_bias=((1234, 100.0),)),
+    )
+    tokens, _ = run(engine, [Admit(request=req)])
+    assert tokens["bias"] == [1234] * 4
