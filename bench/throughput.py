@@ -97,8 +97,12 @@ async def http_bench(base_url: str, tokens: int, streams: int) -> dict[str, floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model spec (default: the bundled default model)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=None, help="model spec (default: the bundled default model)"
+    )
     parser.add_argument("--tiny", action="store_true", help="use a tiny random-weight llama")
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--streams", type=int, default=8)
@@ -118,12 +122,12 @@ def main() -> None:
         server_args = ["--model", model] if model else []
         with run_server(server_args, log_path=Path(tmp) / "server.log") as server:
             res = trio.run(http_bench, server.base_url, args.tokens, args.streams)
-    print(f"mlx-server over HTTP, 1 stream:         {res['single_stream_tok_s']:8.2f} tok/s"
-          f"  ({res['single_stream_tok_s'] / raw:.2f}x mlx-lm)")
-    print(f"mlx-server, {args.streams} concurrent streams, aggregate decode: "
-          f"{res['aggregate_decode_tok_s']:8.2f} tok/s ({res['aggregate_decode_tok_s'] / raw:.2f}x mlx-lm 1 stream)")
-    print(f"mlx-server, {args.streams} concurrent streams, tokens / wall time: {res['aggregate_tok_s_wall']:8.2f} tok/s")
-    print(f"median time to first token with {args.streams} concurrent: {res['concurrent_ttft_median_s']:.2f} s")
+    single, agg = res["single_stream_tok_s"], res["aggregate_decode_tok_s"]
+    n = args.streams
+    print(f"mlx-server over HTTP, 1 stream:            {single:8.2f} tok/s ({single / raw:.2f}x)")
+    print(f"mlx-server, {n} streams, aggregate decode:  {agg:8.2f} tok/s ({agg / raw:.2f}x)")
+    print(f"mlx-server, {n} streams, tokens/wall time:  {res['aggregate_tok_s_wall']:8.2f} tok/s")
+    print(f"median time to first token, {n} streams:   {res['concurrent_ttft_median_s']:8.2f} s")
 
 
 if __name__ == "__main__":

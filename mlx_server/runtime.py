@@ -54,6 +54,7 @@ async def serve(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the whole server until the shutdown trigger fires (default: SIGINT or SIGTERM)."""
+    model_loading.precheck(settings.model)
     server_state = ServerState()
     app = create_app(settings, server_state)
     stop_http = trio.Event()
@@ -117,6 +118,5 @@ async def serve(
         stop_http.set()
         # hypercorn lets in-flight requests finish within its graceful timeout
         with trio.move_on_after(GRACE_SECONDS + 1):
-            while scheduler.running or scheduler.waiting:
-                await trio.sleep(0.05)
+            await scheduler.wait_idle()
         root.cancel_scope.cancel()

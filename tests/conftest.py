@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -48,14 +48,17 @@ def _serve(
     """Run a server for a fixture; a start-up failure fails the test with the server's log."""
     log_path = tmp_path_factory.mktemp(name) / "server.log"
     with contextlib.ExitStack() as stack:
+        server: ServerProcess | None = None
+        failure = ""
         try:
             server = stack.enter_context(
                 run_server(args, env={**_clean_env(), **(env or {})}, log_path=log_path)
             )
         except Exception as exc:
-            summary = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            failure = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if server is None:  # failed outside the except: no chained traceback repeating the log
             pytest.fail(
-                f"mlx-server {list(args)} did not start: {summary}\n"
+                f"mlx-server {list(args)} did not start: {failure}\n"
                 f"--- server log ({log_path}) ---\n{_log_text(log_path)}",
                 pytrace=False,
             )
@@ -63,7 +66,10 @@ def _serve(
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Append the tail of each server's log to the report of a failed test that used it."""
     report = yield
     if report.failed:
         funcargs = getattr(item, "funcargs", {})

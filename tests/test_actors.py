@@ -93,7 +93,7 @@ async def open_actors(
     max_running: int = 2,
     max_waiting: int = 2,
     cache_bytes: int = 0,
-    timeout: float = math.inf,
+    stream_timeout: float = math.inf,
     bytes_per_token: int = 100,
 ) -> AsyncIterator[Actors]:
     """The runtime's wiring, with a FakeExecutor in place of the executor thread."""
@@ -114,7 +114,7 @@ async def open_actors(
             fake_loaded_model(TOKENIZER),
             scheduler,
             nursery,
-            timeout=timeout,
+            timeout=stream_timeout,
             default_max_tokens=16,
         )
         yield Actors(
@@ -439,14 +439,11 @@ async def test_evictions_over_the_budget_release_caches_in_the_executor() -> Non
         a.scheduler.submit(make_request("d", (4, 4, 4)))
         await a.settle()
         a.fake.emit_tokens({"d": 9})
-        a.fake.finish("d")
+        d = a.fake.finish("d").events[0]
         await a.settle()
+        assert isinstance(d, SequenceFinished) and d.stored is not None
         assert a.fake.commands[-1] == ReleaseCache(handles=(handles["b"],))
-        assert set(a.fake.stored) == {
-            handles["a"],
-            handles["c"],
-            a.fake.outputs[-1].events[0].stored.handle,
-        }  # type: ignore[union-attr]
+        assert set(a.fake.stored) == {handles["a"], handles["c"], d.stored.handle}
         assert a.cache.used_bytes == 900
 
         # An entry bigger than the whole budget is released right away.
@@ -667,7 +664,7 @@ async def test_stream_scheduler_shutdown_fails_the_stream() -> None:
 
 
 async def test_stream_timeout(autojump_clock: trio.testing.MockClock) -> None:
-    async with open_actors(timeout=5.0) as a:
+    async with open_actors(stream_timeout=5.0) as a:
         start = trio.current_time()
         handle = a.frontend.start_stream(make_request("a"))
         events = [event async for event in handle.events]  # the executor never emits
@@ -682,7 +679,7 @@ async def test_stream_timeout(autojump_clock: trio.testing.MockClock) -> None:
 
 
 async def test_stream_timeout_of_a_waiting_request(autojump_clock: trio.testing.MockClock) -> None:
-    async with open_actors(timeout=5.0, max_running=1) as a:
+    async with open_actors(stream_timeout=5.0, max_running=1) as a:
         a.scheduler.submit(make_request("a"))  # holds the only slot, no deadline
         await a.settle()
         handle = a.frontend.start_stream(make_request("b"))  # queued behind "a"

@@ -28,7 +28,9 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_server(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def tiny_server(
+    tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("srv") / "server.log"
     # A small prefill chunk so prompts are read across steps while other requests decode.
     with run_server(["--model", str(tiny_dir), "--prefill-chunk", "8"], log_path=log) as server:
@@ -50,7 +52,9 @@ async def ask(client: httpx.AsyncClient, topic: str) -> dict[str, object]:
     return r.json()
 
 
-async def test_concurrent_equals_sequential_equals_mlx_lm(tiny_server: ServerProcess, tiny_dir: Path) -> None:
+async def test_concurrent_equals_sequential_equals_mlx_lm(
+    tiny_server: ServerProcess, tiny_dir: Path
+) -> None:
     async with httpx.AsyncClient(base_url=tiny_server.base_url, timeout=120) as client:
         sequential = [await ask(client, t) for t in TOPICS]
         concurrent: dict[int, dict[str, object]] = {}
@@ -69,12 +73,19 @@ async def test_concurrent_equals_sequential_equals_mlx_lm(tiny_server: ServerPro
         con_msg = concurrent[i]["choices"][0]["message"]["content"]  # type: ignore[index]
         assert con_msg == seq_msg, f"request {i} differs when batched"
         assert sequential[i]["usage"] == concurrent[i]["usage"] or (
-            sequential[i]["usage"]["completion_tokens"] == concurrent[i]["usage"]["completion_tokens"]  # type: ignore[index]
+            sequential[i]["usage"]["completion_tokens"]
+            == concurrent[i]["usage"]["completion_tokens"]  # type: ignore[index]
         )
-        prompt = tok.apply_chat_template([{"role": "user", "content": f"Tell me about {t}"}], add_generation_prompt=True)
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": f"Tell me about {t}"}], add_generation_prompt=True
+        )
         ref: list[int] = []
-        for token, _ in generate_step(mx.array(prompt), model, max_tokens=N_TOKENS, sampler=lambda lp: mx.argmax(lp, axis=-1)):
+        for token, _ in generate_step(
+            mx.array(prompt), model, max_tokens=N_TOKENS, sampler=lambda lp: mx.argmax(lp, axis=-1)
+        ):
             if int(token) in eos:
                 break
             ref.append(int(token))
-        assert seq_msg == tok.decode(ref, skip_special_tokens=True), f"request {i} differs from mlx-lm"
+        assert seq_msg == tok.decode(ref, skip_special_tokens=True), (
+            f"request {i} differs from mlx-lm"
+        )

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from mlx_server.testing import openapi
 from mlx_server.testing.server import ServerProcess
@@ -21,7 +22,7 @@ from mlx_server.testing.server import ServerProcess
 pytestmark = pytest.mark.slow
 
 QUESTION = "What is the capital of France?"
-MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": QUESTION}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION}]
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 12}
 # SmolLM2's special tokens (<|endoftext|>, <|im_start|>, <|im_end|>): banning them means the
 # generation cannot end before max_tokens.

@@ -42,7 +42,9 @@ def reference(model, prompt: list[int], n: int, eos: set[int] | None = None) -> 
     return out
 
 
-def run(engine: BatchEngine, admits: list[Admit]) -> tuple[dict[str, list[int]], dict[str, SequenceFinished]]:
+def run(
+    engine: BatchEngine, admits: list[Admit]
+) -> tuple[dict[str, list[int]], dict[str, SequenceFinished]]:
     tokens: dict[str, list[int]] = {a.request.request_id: [] for a in admits}
     done: dict[str, SequenceFinished] = {}
     for a in admits:
@@ -81,13 +83,17 @@ def test_batched_greedy_equals_mlx_lm(tiny_llama: Path) -> None:
     loaded = load(str(tiny_llama))
     # Our own template and tokenizer build the same prompts as mlx-lm's.
     ours = [
-        loaded.tokenizer.encode(loaded.template.render([{"role": "user", "content": f"Tell me about {t}"}]))
+        loaded.tokenizer.encode(
+            loaded.template.render([{"role": "user", "content": f"Tell me about {t}"}])
+        )
         for t in TOPICS
     ]
     assert ours == prompts
 
     # Small prefill chunks so prompts are read over several steps while others decode.
-    engine = BatchEngine(loaded.model, eos_token_ids=[], vocab_size=loaded.tokenizer.vocab_size, prefill_chunk=7)
+    engine = BatchEngine(
+        loaded.model, eos_token_ids=[], vocab_size=loaded.tokenizer.vocab_size, prefill_chunk=7
+    )
     tokens, done = run(engine, [greedy(str(i), p, 20) for i, p in enumerate(prompts)])
     for i in range(len(prompts)):
         assert tokens[str(i)] == expected[i], f"prompt {i} diverged"
@@ -103,15 +109,27 @@ def test_batched_greedy_equals_mlx_lm(tiny_llama: Path) -> None:
 
 def test_prefix_reuse_gives_same_tokens(tiny_llama: Path) -> None:
     loaded = load(str(tiny_llama))
-    engine = BatchEngine(loaded.model, eos_token_ids=[], vocab_size=loaded.tokenizer.vocab_size, prefill_chunk=16)
-    prompt = loaded.tokenizer.encode(loaded.template.render([{"role": "user", "content": "Hello there, how are you?"}]))
+    engine = BatchEngine(
+        loaded.model, eos_token_ids=[], vocab_size=loaded.tokenizer.vocab_size, prefill_chunk=16
+    )
+    prompt = loaded.tokenizer.encode(
+        loaded.template.render([{"role": "user", "content": "Hello there, how are you?"}])
+    )
     first, done = run(engine, [greedy("a", prompt, 8)])
     stored = done["a"].stored
     assert stored is not None and stored.token_ids == (*prompt, *first["a"][:-1])
     # A follow-up turn that extends the first conversation reuses its KV state.
     longer = [*prompt, *first["a"], 198, 42, 43]
     fresh, _ = run(engine, [greedy("fresh", longer, 8)])
-    reused, done2 = run(engine, [Admit(request=greedy("b", longer, 8).request, prefix=CachedPrefix(handle=stored.handle, length=len(stored.token_ids)))])
+    reused, done2 = run(
+        engine,
+        [
+            Admit(
+                request=greedy("b", longer, 8).request,
+                prefix=CachedPrefix(handle=stored.handle, length=len(stored.token_ids)),
+            )
+        ],
+    )
     assert done2["b"].cached_tokens == len(stored.token_ids)
     assert reused["b"] == fresh["fresh"]
 
@@ -123,8 +141,11 @@ def test_eos_and_stop_tokens_end_generation(tiny_llama: Path) -> None:
     free, _ = run(engine, [greedy("free", prompt, 6)])
     stop_at = free["free"][2]
     req = GenerationRequest(
-        request_id="s", prompt_ids=tuple(prompt), sampling=SamplingParams(temperature=0.0),
-        max_tokens=6, stop_token_ids=(stop_at,),
+        request_id="s",
+        prompt_ids=tuple(prompt),
+        sampling=SamplingParams(temperature=0.0),
+        max_tokens=6,
+        stop_token_ids=(stop_at,),
     )
     tokens, done = run(engine, [Admit(request=req)])
     first_hit = free["free"].index(stop_at)
@@ -139,10 +160,14 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_llama: Path)
     prompt = tuple(loaded.tokenizer.encode("The weather today"))
 
     def seeded(rid: str, seed: int) -> Admit:
-        return Admit(request=GenerationRequest(
-            request_id=rid, prompt_ids=prompt, max_tokens=12,
-            sampling=SamplingParams(temperature=1.5, top_p=0.95, top_k=50, seed=seed),
-        ))
+        return Admit(
+            request=GenerationRequest(
+                request_id=rid,
+                prompt_ids=prompt,
+                max_tokens=12,
+                sampling=SamplingParams(temperature=1.5, top_p=0.95, top_k=50, seed=seed),
+            )
+        )
 
     alone, _ = run(engine, [seeded("a", 7)])
     together, _ = run(engine, [seeded("b", 7), seeded("c", 8), greedy("d", list(prompt), 12)])
@@ -154,7 +179,9 @@ def test_logit_bias_forces_a_token(tiny_llama: Path) -> None:
     loaded = load(str(tiny_llama))
     engine = BatchEngine(loaded.model, eos_token_ids=[], vocab_size=loaded.tokenizer.vocab_size)
     req = GenerationRequest(
-        request_id="bias", prompt_ids=tuple(loaded.tokenizer.encode("Hi")), max_tokens=4,
+        request_id="bias",
+        prompt_ids=tuple(loaded.tokenizer.encode("Hi")),
+        max_tokens=4,
         sampling=SamplingParams(temperature=0.0, logit_bias=((1234, 100.0),)),
     )
     tokens, _ = run(engine, [Admit(request=req)])

@@ -20,7 +20,6 @@ from typing import Any
 
 import trio
 
-from ..engine.batch import BatchEngine
 from ..engine.model import LoadedModel
 from ..errors import ModelLoadError
 from ..messages import (
@@ -41,7 +40,9 @@ class Job:
 
     The result or exception is delivered to `on_done` on the trio side."""
 
-    def __init__(self, fn: Callable[[LoadedModel], Any], on_done: Callable[[Any, BaseException | None], None]):
+    def __init__(
+        self, fn: Callable[[LoadedModel], Any], on_done: Callable[[Any, BaseException | None], None]
+    ):
         self.fn = fn
         self.on_done = on_done
 
@@ -70,7 +71,9 @@ class Executor:
         """Queue a command; never blocks (safe from the event loop)."""
         self._inbox.put(command)
 
-    async def serve(self, *, task_status: trio.TaskStatus[LoadedModel] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[LoadedModel] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Start the thread, wait for the model to load, report it, and live until cancelled."""
         token = trio.lowlevel.current_trio_token()
         loaded_event = trio.Event()
@@ -122,6 +125,10 @@ class Executor:
             token.run_sync_soon(on_loaded, None, ModelLoadError(f"cannot load the model: {exc}"))
             return
         self.loaded = loaded
+        # Imported here, on the executor thread: mlx-lm's import is slow and must not delay
+        # the HTTP server, which answers /health with "loading" meanwhile.
+        from ..engine.batch import BatchEngine
+
         engine = BatchEngine(
             loaded.model,
             eos_token_ids=loaded.tokenizer.eos_token_ids,
@@ -169,7 +176,7 @@ class Executor:
 
     def _handle(
         self,
-        engine: BatchEngine,
+        engine: Any,
         loaded: LoadedModel,
         command: ExecutorCommand | Job,
         post: Callable[[StepOutput], None],

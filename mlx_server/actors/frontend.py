@@ -52,7 +52,9 @@ class Frontend:
             vocab = self._loaded.tokenizer.vocab_size
             bad = [t for t in spec.token_ids if not 0 <= t < vocab]
             if bad:
-                raise InvalidRequest(f"token id {bad[0]} is out of range [0, {vocab})", param="prompt")
+                raise InvalidRequest(
+                    f"token id {bad[0]} is out of range [0, {vocab})", param="prompt"
+                )
             return spec.token_ids
         return await trio.to_thread.run_sync(self._render_and_encode, spec)
 

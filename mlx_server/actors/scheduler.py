@@ -73,6 +73,7 @@ class Scheduler:
         self._submitted = 0  # accepted but not yet finished, counted at submit time
         self.last_batch_size = 0
         self.steps = 0
+        self._idle = trio.Event()
 
     # -- called from other tasks (same trio thread) ----------------------------------------
 
@@ -95,6 +96,18 @@ class Scheduler:
         self._submitted += 1
         self._inbox_send.send_nowait(_Submit(request=request, events=send))
         return recv
+
+    async def wait_idle(self) -> None:
+        """Return once no request is waiting or running."""
+        while self._submitted:
+            if self._idle.is_set():
+                self._idle = trio.Event()
+            await self._idle.wait()
+
+    def _done_one(self) -> None:
+        self._submitted -= 1
+        if not self._submitted:
+            self._idle.set()
 
     def abort(self, request_id: str) -> None:
         """Ask for a request to be dropped (no-op if it has already finished)."""
@@ -132,7 +145,7 @@ class Scheduler:
     def _abort(self, request_id: str) -> None:
         tracked = self._waiting.pop(request_id, None)
         if tracked is not None:
-            self._submitted -= 1
+            self._done_one()
             _deliver(
                 tracked,
                 SequenceFinished(
@@ -156,7 +169,7 @@ class Scheduler:
                 continue
             if isinstance(event, SequenceFinished | SequenceFailed):
                 del self._running[event.request_id]
-                self._submitted -= 1
+                self._done_one()
                 if isinstance(event, SequenceFinished) and event.stored is not None:
                     self._cache.store(event.stored)
                 _deliver(tracked, event)

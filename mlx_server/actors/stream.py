@@ -17,9 +17,9 @@ from ..engine.detokenizer import StreamingDetokenizer
 from ..engine.stop import StopMatcher
 from ..engine.tokenizer import Tokenizer
 from ..messages import (
-    FinishReason,
     Failed,
     Finished,
+    FinishReason,
     GenerationRequest,
     Heartbeat,
     PrefillProgress,
@@ -100,7 +100,9 @@ class RequestStream:
                     await out.send(TextDelta(text=text, logprobs=logprobs))
                 if stop is not None:
                     self._scheduler.abort(self.request.request_id)
-                    await out.send(Finished(finish_reason="stop", usage=self._usage(), stop_sequence=stop))
+                    await out.send(
+                        Finished(finish_reason="stop", usage=self._usage(), stop_sequence=stop)
+                    )
                     return False  # the executor still drops it; our abort does that
             elif isinstance(event, PrefillProgress):
                 self.cached_tokens = max(self.cached_tokens, event.cached)
@@ -115,13 +117,17 @@ class RequestStream:
                 if tail:
                     await out.send(TextDelta(text=tail))
                 reason: FinishReason = "stop" if stop is not None else event.finish_reason
-                await out.send(Finished(finish_reason=reason, usage=self._usage(), stop_sequence=stop))
+                await out.send(
+                    Finished(finish_reason=reason, usage=self._usage(), stop_sequence=stop)
+                )
                 return True
             elif isinstance(event, SequenceFailed):
                 await out.send(Failed(message=f"generation failed: {event.message}"))
                 return True
         # The scheduler closed the channel without a final event (shutting down).
-        await out.send(Failed(message="the server is shutting down", kind="overloaded_error", status=503))
+        await out.send(
+            Failed(message="the server is shutting down", kind="overloaded_error", status=503)
+        )
         return True
 
     def _logprobs(self, event: TokenOut) -> tuple[TokenLogprob, ...]:

@@ -29,7 +29,11 @@ _OPENAI_TYPES = {
 
 
 def openai_error_body(
-    message: str, *, status: int, kind: str | None = None, param: str | None = None,
+    message: str,
+    *,
+    status: int,
+    kind: str | None = None,
+    param: str | None = None,
     code: str | None = None,
 ) -> dict[str, Any]:
     return {
@@ -43,8 +47,13 @@ def openai_error_body(
 
 
 def openai_error(
-    message: str, *, status: int, kind: str | None = None, param: str | None = None,
-    code: str | None = None, headers: dict[str, str] | None = None,
+    message: str,
+    *,
+    status: int,
+    kind: str | None = None,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Response:
     body = openai_error_body(message, status=status, kind=kind, param=param, code=code)
     resp = Response(_dumps(body), status=status, mimetype="application/json")
@@ -82,7 +91,9 @@ def install_error_handlers(app: Quart) -> None:
 
             message = f"method {request.method} is not allowed on {request.path}"
             resp = openai_error(message, status=405, code="method_not_allowed")
-            allowed = exc.get_response().headers.get("Allow") if hasattr(exc, "get_response") else None
+            allowed = (
+                exc.get_response().headers.get("Allow") if hasattr(exc, "get_response") else None
+            )
             if allowed:
                 resp.headers["Allow"] = allowed
             return resp

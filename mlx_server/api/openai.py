@@ -52,7 +52,7 @@ def _content_text(content: Any, where: str) -> str | None:
                 parts.append(part["text"])
             elif kind in ("image_url", "input_image", "input_audio", "file"):
                 raise InvalidRequest(
-                    f"'{where}[{j}]': content type {kind!r} is not supported by this text-only model",
+                    f"'{where}[{j}]': content type {kind!r} is not supported (text-only model)",
                     param=f"{where}[{j}]",
                 )
             else:
@@ -76,7 +76,8 @@ def parse_chat_messages(raw: Any) -> tuple[ChatMessage, ...]:
         role = m.get("role")
         if role not in _ROLES:
             raise InvalidRequest(
-                f"'{where}.role' must be one of {sorted(_ROLES)}, got {role!r}", param=f"{where}.role"
+                f"'{where}.role' must be one of {sorted(_ROLES)}, got {role!r}",
+                param=f"{where}.role",
             )
         content = _content_text(m.get("content"), f"{where}.content")
         if content is None and role in ("system", "developer", "user"):
@@ -112,11 +113,15 @@ def parse_sampling(f: Fields, *, vocab_size: int) -> SamplingParams:
         try:
             tid = int(k)
         except ValueError:
-            raise InvalidRequest(f"'logit_bias' key {k!r} is not a token id", param="logit_bias") from None
+            raise InvalidRequest(
+                f"'logit_bias' key {k!r} is not a token id", param="logit_bias"
+            ) from None
         if not 0 <= tid < vocab_size:
             raise InvalidRequest(f"'logit_bias' token id {tid} is out of range", param="logit_bias")
         if isinstance(v, bool) or not isinstance(v, int | float) or not -100 <= v <= 100:
-            raise InvalidRequest("'logit_bias' values must be numbers in [-100, 100]", param="logit_bias")
+            raise InvalidRequest(
+                "'logit_bias' values must be numbers in [-100, 100]", param="logit_bias"
+            )
         bias.append((tid, float(v)))
     assert temperature is not None and top_p is not None and top_k is not None
     assert min_p is not None and rep is not None and presence is not None and frequency is not None
@@ -162,7 +167,12 @@ async def list_models() -> Response | dict[str, Any]:
     return {
         "object": "list",
         "data": [
-            {"id": fe.model_name, "object": "model", "created": fe.created, "owned_by": "mlx-server"}
+            {
+                "id": fe.model_name,
+                "object": "model",
+                "created": fe.created,
+                "owned_by": "mlx-server",
+            }
         ],
     }
 
@@ -202,7 +212,9 @@ async def chat_completions() -> Response | dict[str, Any]:
     stream_options = f.obj("stream_options") or {}
     include_usage = bool(stream_options.get("include_usage")) if stream else False
     if body.get("stream_options") is not None and not stream:
-        raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+        raise InvalidRequest(
+            "'stream_options' is only allowed when 'stream' is true", param="stream_options"
+        )
     rf = f.obj("response_format")
     if rf is not None and rf.get("type") not in (None, "text"):
         raise InvalidRequest(
@@ -255,9 +267,17 @@ async def _complete_chat(
                     "choices": [
                         {
                             "index": 0,
-                            "message": {"role": "assistant", "content": "".join(texts), "refusal": None},
-                            "logprobs": {"content": logprobs, "refusal": None} if want_logprobs else None,
-                            "finish_reason": ev.finish_reason if ev.finish_reason in ("stop", "length") else "stop",
+                            "message": {
+                                "role": "assistant",
+                                "content": "".join(texts),
+                                "refusal": None,
+                            },
+                            "logprobs": {"content": logprobs, "refusal": None}
+                            if want_logprobs
+                            else None,
+                            "finish_reason": ev.finish_reason
+                            if ev.finish_reason in ("stop", "length")
+                            else "stop",
                         }
                     ],
                     "usage": usage_json(ev.usage),
@@ -272,7 +292,9 @@ async def _stream_chat(
     handle = fe.start_stream(request)
     events = handle.events
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, lps: list[Any] | None = None) -> bytes:
+    def chunk(
+        delta: dict[str, Any], finish: str | None = None, lps: list[Any] | None = None
+    ) -> bytes:
         obj: dict[str, Any] = {
             "id": request.request_id,
             "object": "chat.completion.chunk",

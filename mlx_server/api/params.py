@@ -49,9 +49,13 @@ class Fields:
         value = self.body.get(key)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
             raise InvalidRequest(f"'{self._name(key)}' must be a number", param=self._name(key))
-        if lo is not None and value < lo or hi is not None and value > hi:
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise InvalidRequest(
                 f"'{self._name(key)}' must be between {lo} and {hi}, got {value}",
                 param=self._name(key),
@@ -111,7 +115,8 @@ class Fields:
         if isinstance(value, list) and all(isinstance(s, str) for s in value):
             if len(value) > max_items:
                 raise InvalidRequest(
-                    f"'{self._name(key)}' takes at most {max_items} sequences", param=self._name(key)
+                    f"'{self._name(key)}' takes at most {max_items} sequences",
+                    param=self._name(key),
                 )
             return tuple(s for s in value if s)
         raise InvalidRequest(

@@ -75,12 +75,30 @@ def _name_from_hf_cache_dir(path: Path) -> str | None:
     return None
 
 
+def precheck(spec: str | None) -> None:
+    """Cheap checks that need no MLX: fail fast, before the server starts, on a model that
+    cannot possibly load."""
+    if spec is None:
+        default_model_path()
+        return
+    path = Path(spec).expanduser()
+    if path.exists():
+        return
+    if spec.lower().endswith(".gguf") or spec.startswith(("/", ".", "~")):
+        raise ModelLoadError(f"model path does not exist: {spec}")
+    if not _REPO_ID.match(spec):
+        raise ModelLoadError(
+            f"model {spec!r} is neither an existing path nor a Hugging Face repo id (org/name)"
+        )
+
+
 def load(spec: str | None, *, served_name: str | None = None) -> LoadedModel:
     """Load the model a user configured (None: the bundled default)."""
     name = served_name or model_name_for(spec)
     if spec is None:
         path = default_model_path()
         return _load_gguf(path, name, source=f"default ({path})")
+    precheck(spec)
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_file():
@@ -88,12 +106,6 @@ def load(spec: str | None, *, served_name: str | None = None) -> LoadedModel:
                 return _load_gguf(path, name, source=str(path))
             raise ModelLoadError(f"{path}: not a model directory or a .gguf file")
         return _load_mlx_dir(_resolve_hf_cache_root(path), name, source=str(path))
-    if spec.lower().endswith(".gguf") or spec.startswith(("/", ".", "~")):
-        raise ModelLoadError(f"model path does not exist: {spec}")
-    if not _REPO_ID.match(spec):
-        raise ModelLoadError(
-            f"model {spec!r} is neither an existing path nor a Hugging Face repo id (org/name)"
-        )
     return _load_mlx_dir(fetch_from_hub(spec), name, source=f"hf:{spec}")
 
 

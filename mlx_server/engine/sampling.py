@@ -86,9 +86,7 @@ def filter_logits(logits: mx.array, params: SamplingParams) -> mx.array:
     return logits
 
 
-def sample_batch(
-    logits: mx.array, samplers: list[RowSampler]
-) -> tuple[mx.array, mx.array]:
+def sample_batch(logits: mx.array, samplers: list[RowSampler]) -> tuple[mx.array, mx.array]:
     """Choose one token per row. Returns (tokens (B,), logprobs (B, V)) as lazy arrays.
 
     logprobs are of the processed (biased, penalised) but unfiltered distribution, which is

@@ -73,7 +73,9 @@ def load_hf_tokenizer(model_dir: Path, config: dict[str, Any]) -> Tokenizer:
     chat_template.jinja from a Hugging Face style model directory."""
     tok_file = model_dir / "tokenizer.json"
     if not tok_file.is_file():
-        raise ModelLoadError(f"{model_dir}: no tokenizer.json (the fast tokenizer file is required)")
+        raise ModelLoadError(
+            f"{model_dir}: no tokenizer.json (the fast tokenizer file is required)"
+        )
     try:
         backend = tokenizers.Tokenizer.from_file(str(tok_file))
     except Exception as exc:  # tokenizers raises plain Exception on corrupt files

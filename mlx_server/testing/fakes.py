@@ -14,7 +14,7 @@ hands back a `StoredCache` that `ReleaseCache` frees again.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -265,7 +265,7 @@ class FakeExecutor:
             stored=stored,
         )
 
-    def _post(self, events: list[StepEvent], *, batch_size: int | None = None) -> StepOutput:
+    def _post(self, events: Sequence[StepEvent], *, batch_size: int | None = None) -> StepOutput:
         output = StepOutput(
             events=tuple(events),
             batch_size=len(self.active) if batch_size is None else batch_size,

@@ -63,7 +63,9 @@ def build_tiny_model(
     return model, config
 
 
-def save_model_dir(out_dir: Path, model: nn.Module, config: dict[str, Any], tokenizer: Tokenizer) -> None:
+def save_model_dir(
+    out_dir: Path, model: nn.Module, config: dict[str, Any], tokenizer: Tokenizer
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
