@@ -557,7 +557,7 @@ async def test_stream_stop_string_cuts_text_and_aborts() -> None:
         n = len(a.tokenizer.encode("Hello world! E")) + 2  # up to the token completing "END"
         assert finished.usage.completion_tokens == n
         assert ended
-        assert "a" in a.fake.aborted_ids  # the executor stopped generating
+        assert a.fake.aborted_ids == ["a"]  # the executor stopped generating, told once
         assert a.fake.running_ids == []
         assert a.scheduler.running == 0
 

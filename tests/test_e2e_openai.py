@@ -208,7 +208,7 @@ def test_stop_string(client: openai.OpenAI, greedy: dict[str, Any]) -> None:
     stop = " " + words[2]  # e.g. " of" in "The capital of France is Paris."
     expected = full[: full.index(stop)]
     raw = client.chat.completions.with_raw_response.create(
-        model="default", messages=MESSAGES, stop=[stop], **GREEDY
+        model="default", messages=MESSAGES, stop=stop, **GREEDY
     )
     body = json.loads(raw.text)
     openapi.validate("CreateChatCompletionResponse", body)

@@ -4,6 +4,7 @@ with mx.save_gguf whose logits must match the model it was written from, and bad
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -13,11 +14,17 @@ import jinja2
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from mlx.utils import tree_flatten
-from mlx_lm.models import llama
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models import llama, qwen2, qwen3
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_server.engine.gguf import _unpermute, load_gguf
+from mlx_server.engine.gguf import (
+    _Header,
+    _TensorInfo,
+    _unpermute,
+    _warn_dequantized,
+    load_gguf,
+)
 from mlx_server.engine.tokenizer import Tokenizer
 from mlx_server.errors import ModelLoadError
 
@@ -142,7 +149,9 @@ TINY = {
     "rms_norm_eps": 1e-5,
     "rope_theta": 10000.0,
     "max_position_embeddings": 512,
+    "head_dim": 16,
 }
+MODEL_MODULES = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3}
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -156,6 +165,8 @@ MLX_TO_GGUF = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
@@ -213,27 +224,49 @@ def u32(value: int) -> mx.array:
 
 
 def write_tiny_gguf(
-    path: Path, *, tied: bool, architecture: str = "llama", tokenizer_model: str = "gpt2"
-) -> llama.Model:
-    """Write a tiny llama GGUF the way llama.cpp lays one out; return the source model."""
+    path: Path,
+    *,
+    tied: bool,
+    model_type: str = "llama",
+    architecture: str | None = None,
+    tokenizer_model: str = "gpt2",
+    rope_scaling: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Write a tiny GGUF the way llama.cpp lays one out (Q/K rows permuted for llama only);
+    return the mlx_lm model it was written from."""
     mx.random.seed(0)
-    model = llama.Model(llama.ModelArgs.from_dict({**TINY, "tie_word_embeddings": tied}))
-    # Non-trivial norm weights so that a mixed-up norm would show in the logits.
-    for layer in model.model.layers:
-        layer.input_layernorm.weight = 1 + 0.1 * mx.random.normal((TINY["hidden_size"],))
-        layer.post_attention_layernorm.weight = 1 + 0.1 * mx.random.normal((TINY["hidden_size"],))
+    module = MODEL_MODULES[model_type]
+    args = module.ModelArgs.from_dict(
+        {
+            **TINY,
+            "model_type": model_type,
+            "tie_word_embeddings": tied,
+            "rope_scaling": rope_scaling,
+        }
+    )
+    model = module.Model(args)
+    # Non-trivial norm weights and biases, so that a mixed-up one shows in the logits.
+    model.update(
+        tree_unflatten(
+            [
+                (name, value + 0.1 * mx.random.normal(value.shape))
+                for name, value in tree_flatten(model.parameters())
+                if value.ndim == 1
+            ]
+        )
+    )
     mx.eval(model.parameters())
 
     arrays: dict[str, mx.array] = {}
     for name, value in tree_flatten(model.parameters()):
-        if ".q_proj." in name:
+        if model_type == "llama" and ".q_proj." in name:
             value = forward_permute(value, TINY["num_attention_heads"])
-        elif ".k_proj." in name:
+        elif model_type == "llama" and ".k_proj." in name:
             value = forward_permute(value, TINY["num_key_value_heads"])
         arrays[gguf_name(name)] = value.astype(mx.float32)
 
     tokens, merges = tiny_vocab()
-    arch = architecture
+    arch = architecture or model_type
     metadata: dict[str, Any] = {
         "general.architecture": arch,
         "general.name": "tiny",
@@ -245,7 +278,9 @@ def write_tiny_gguf(
         f"{arch}.attention.head_count_kv": u32(TINY["num_key_value_heads"]),
         f"{arch}.attention.layer_norm_rms_epsilon": mx.array(1e-5, dtype=mx.float32),
         f"{arch}.rope.freq_base": mx.array(10000.0, dtype=mx.float32),
-        f"{arch}.rope.dimension_count": u32(TINY["hidden_size"] // TINY["num_attention_heads"]),
+        f"{arch}.attention.key_length": u32(TINY["head_dim"]),
+        f"{arch}.attention.value_length": u32(TINY["head_dim"]),
+        f"{arch}.rope.dimension_count": u32(TINY["head_dim"]),
         "tokenizer.ggml.model": tokenizer_model,
         "tokenizer.ggml.pre": "smollm",
         "tokenizer.ggml.tokens": tokens,
@@ -258,15 +293,27 @@ def write_tiny_gguf(
         "tokenizer.ggml.add_bos_token": mx.array(False),
         "tokenizer.chat_template": CHATML,
     }
+    if rope_scaling is not None:
+        # llama.cpp stores Llama 3 rope scaling as per-dimension frequency factors.
+        rope = model.model.layers[0].self_attn.rope
+        dims = TINY["head_dim"]
+        periods = TINY["rope_theta"] ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+        arrays["rope_freqs.weight"] = (rope._freqs / periods).astype(mx.float32)
     mx.save_gguf(str(path), arrays, metadata)
     return model
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_tiny_gguf_logits_match(tmp_path: Path, tied: bool) -> None:
+@pytest.mark.parametrize(
+    ("model_type", "tied"),
+    [("llama", True), ("llama", False), ("qwen2", False), ("qwen3", True)],
+)
+def test_tiny_gguf_logits_match(tmp_path: Path, model_type: str, tied: bool) -> None:
     path = tmp_path / "tiny.gguf"
-    source = write_tiny_gguf(path, tied=tied)
+    source = write_tiny_gguf(path, tied=tied, model_type=model_type)
     model, tok, config = load_gguf(path)
+
+    assert isinstance(model, MODEL_MODULES[model_type].Model)
+    assert config["model_type"] == model_type
 
     assert config["tie_word_embeddings"] is tied
     assert config["quantization"] is None
@@ -294,6 +341,41 @@ def test_tiny_gguf_logits_match(tmp_path: Path, tied: bool) -> None:
     assert tok.decode(enc, skip_special_tokens=False) == prompt
     assert tok.encode(" the") == [tok.token_to_id("Ġthe")]
     assert len(tok.encode("42")) == 2
+
+
+def test_tiny_gguf_llama3_rope_freqs(tmp_path: Path) -> None:
+    """A `rope_freqs.weight` tensor (Llama 3.1 style) reproduces mlx_lm's llama3 RoPE."""
+    path = tmp_path / "tiny.gguf"
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 4,
+    }
+    source = write_tiny_gguf(path, tied=True, rope_scaling=scaling)
+    factors = mx.load(str(path))["rope_freqs.weight"]
+    assert not mx.allclose(factors, mx.ones_like(factors)).item()  # the scaling does something
+    model, _, _ = load_gguf(path)
+    ids = mx.array([list(range(40, 72))])
+    assert mx.allclose(model(ids), source(ids), atol=1e-4).item()
+
+
+def test_warns_when_mlx_dequantized(caplog: pytest.LogCaptureFixture) -> None:
+    """MLX turns e.g. Q6_K into float16 on load; the loader says so."""
+    header = _Header(
+        version=3,
+        values={},
+        tensors={
+            "a.weight": _TensorInfo("a.weight", (64, 8), "Q6_K"),
+            "b.weight": _TensorInfo("b.weight", (64, 8), "Q4_1"),
+            "c.weight": _TensorInfo("c.weight", (64,), "F32"),
+        },
+    )
+    arrays = {"a.weight": mx.zeros((8, 64)), "b.scales": mx.zeros((8, 2))}
+    with caplog.at_level(logging.WARNING, logger="mlx_server.engine.gguf"):
+        _warn_dequantized(header, arrays, Path("x.gguf"))
+    assert "1 x Q6_K" in caplog.text and "Q4_1" not in caplog.text and "F32" not in caplog.text
 
 
 def test_unpermute_inverts_llama_cpp_permutation() -> None:

@@ -250,11 +250,6 @@ def test_prefix_cache_keeps_a_longer_older_entry() -> None:
     assert cache.lookup((1, 2, 3)) == (1, 3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="insert evicts by LRU before dropping covered entries, so an unrelated entry goes "
-    "although dropping the covered one alone would fit the budget",
-)
 def test_prefix_cache_drops_covered_entries_before_evicting_others() -> None:
     cache = PrefixCache(100)
     cache.insert(1, (9,), 30)

@@ -181,8 +181,8 @@ class Scheduler:
     async def _admit(self) -> None:
         while self._waiting and len(self._running) < self.max_running:
             rid, tracked = self._waiting.popitem(last=False)
+            self._running[rid] = tracked  # before the await, so shutdown still closes it
             prefix = await self._cache.lookup(tracked.request.prompt_ids)
-            self._running[rid] = tracked
             self._to_executor(Admit(request=tracked.request, prefix=prefix))
 
 

@@ -103,7 +103,7 @@ class RequestStream:
                     await out.send(
                         Finished(finish_reason="stop", usage=self._usage(), stop_sequence=stop)
                     )
-                    return False  # the executor still drops it; our abort does that
+                    return True  # already aborted above, before a send that may wait
             elif isinstance(event, PrefillProgress):
                 self.cached_tokens = max(self.cached_tokens, event.cached)
                 with contextlib.suppress(trio.WouldBlock):

@@ -343,6 +343,9 @@ async def _stream_chat(
                             }
                         )
                     break
+            else:
+                message = "the generation ended without a result"
+                yield sse.data(openai_error_body(message, status=500))
             yield sse.DONE
         finally:
             handle.close()

@@ -59,12 +59,12 @@ class PrefixCache:
         for tok in entry.tokens:
             node = node.children.setdefault(tok, _Node())
             node.handles.add(handle)
-        evicted: list[int] = []
+        # Entries the new one covers go first; only then evict least recently used ones.
+        evicted = self._drop_covered(handle)
         while self.used > self.budget and self._entries:
             old = next(iter(self._entries))
             self.remove(old)
             evicted.append(old)
-        evicted.extend(self._drop_covered(handle))
         return evicted
 
     def remove(self, handle: int) -> None:
