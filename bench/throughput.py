@@ -42,7 +42,7 @@ def raw_mlx_lm(model_spec: str | None, tokens: int) -> float:
 async def one_stream(client: httpx.AsyncClient, tokens: int) -> tuple[float, list[float], int]:
     """Returns (start time, arrival times of content chunks, completion tokens)."""
     body = {
-        "model": "bench",
+        "model": "default",
         "messages": [{"role": "user", "content": PROMPT}],
         "max_tokens": tokens,
         "temperature": 0,

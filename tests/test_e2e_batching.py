@@ -39,7 +39,7 @@ def tiny_server(
 
 def body(topic: str) -> dict[str, object]:
     return {
-        "model": "tiny",
+        "model": "tiny-llama",
         "messages": [{"role": "user", "content": f"Tell me about {topic}"}],
         "max_tokens": N_TOKENS,
         "temperature": 0,

@@ -24,6 +24,8 @@ pytestmark = pytest.mark.slow
 QUESTION = "What is the capital of France?"
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION}]
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 12}
+MODEL = "SmolLM2-135M-Instruct"
+
 # SmolLM2's special tokens (<|endoftext|>, <|im_start|>, <|im_end|>): banning them means the
 # generation cannot end before max_tokens.
 NO_EOS_BIAS = {"0": -100, "1": -100, "2": -100}
@@ -56,9 +58,7 @@ def http(server: ServerProcess) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="module")
 def greedy(client: openai.OpenAI) -> dict[str, Any]:
     """The raw JSON of the non-streaming greedy answer, shared by the tests that compare."""
-    raw = client.chat.completions.with_raw_response.create(
-        model="default", messages=MESSAGES, **GREEDY
-    )
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, **GREEDY)
     assert raw.status_code == 200
     assert raw.headers["content-type"].startswith("application/json")
     body = json.loads(raw.text)
@@ -134,7 +134,7 @@ def test_chat_completion_sdk(greedy: dict[str, Any]) -> None:
 
 def test_chat_stream_sdk(client: openai.OpenAI, greedy: dict[str, Any]) -> None:
     with client.chat.completions.create(
-        model="default",
+        model=MODEL,
         messages=MESSAGES,
         stream=True,
         stream_options={"include_usage": True},
@@ -191,7 +191,7 @@ def test_chat_stream_raw_sse(http: httpx.Client, greedy: dict[str, Any]) -> None
 def test_max_tokens_length(client: openai.OpenAI, greedy: dict[str, Any]) -> None:
     assert greedy["usage"]["completion_tokens"] > 3, "the greedy answer is too short to cut"
     raw = client.chat.completions.with_raw_response.create(
-        model="default", messages=MESSAGES, temperature=0, max_tokens=3
+        model=MODEL, messages=MESSAGES, temperature=0, max_tokens=3
     )
     body = json.loads(raw.text)
     openapi.validate("CreateChatCompletionResponse", body)
@@ -208,7 +208,7 @@ def test_stop_string(client: openai.OpenAI, greedy: dict[str, Any]) -> None:
     stop = " " + words[2]  # e.g. " of" in "The capital of France is Paris."
     expected = full[: full.index(stop)]
     raw = client.chat.completions.with_raw_response.create(
-        model="default", messages=MESSAGES, stop=stop, **GREEDY
+        model=MODEL, messages=MESSAGES, stop=stop, **GREEDY
     )
     body = json.loads(raw.text)
     openapi.validate("CreateChatCompletionResponse", body)
@@ -228,7 +228,7 @@ ERROR_CASES = [
     pytest.param(
         "POST",
         "/v1/chat/completions",
-        {"content": b'{"model": "x", "messages": ['},
+        {"content": b'{"model": MODEL, "messages": ['},
         400,
         None,
         id="invalid-json",
@@ -236,7 +236,7 @@ ERROR_CASES = [
     pytest.param(
         "POST",
         "/v1/chat/completions",
-        {"json": {"model": "x"}},
+        {"json": {"model": MODEL}},
         400,
         "messages",
         id="missing-messages",
@@ -244,7 +244,7 @@ ERROR_CASES = [
     pytest.param(
         "POST",
         "/v1/chat/completions",
-        {"json": {"model": "x", "messages": [{"role": "robot", "content": "hi"}]}},
+        {"json": {"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}},
         400,
         "messages[0].role",
         id="bad-role",
@@ -252,7 +252,7 @@ ERROR_CASES = [
     pytest.param(
         "POST",
         "/v1/chat/completions",
-        {"json": {"model": "x", "messages": USER_HI, "temperature": 5}},
+        {"json": {"model": MODEL, "messages": USER_HI, "temperature": 5}},
         400,
         "temperature",
         id="temperature-5",
@@ -260,7 +260,7 @@ ERROR_CASES = [
     pytest.param(
         "POST",
         "/v1/chat/completions",
-        {"json": {"model": "x", "messages": USER_HI, "max_tokens": 0}},
+        {"json": {"model": MODEL, "messages": USER_HI, "max_tokens": 0}},
         400,
         "max_tokens",
         id="max-tokens-0",
@@ -270,7 +270,7 @@ ERROR_CASES = [
         "/v1/chat/completions",
         {
             "json": {
-                "model": "x",
+                "model": MODEL,
                 "messages": [
                     {
                         "role": "user",
@@ -314,7 +314,7 @@ def test_errors(
 
 def test_sdk_raises_bad_request(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as excinfo:
-        client.chat.completions.create(model="default", messages=MESSAGES, temperature=5)
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=5)
     assert excinfo.value.status_code == 400
     assert excinfo.value.param == "temperature"
     assert excinfo.value.type == "invalid_request_error"

@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from ..engine.model import LoadedModel
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, NotFound
 from ..messages import GenerationRequest, PromptSpec, StreamEvent
 from .scheduler import Scheduler
 from .stream import RequestStream
@@ -41,6 +41,26 @@ class Frontend:
         self.created = int(time.time())
         ctx = loaded.config.get("max_position_embeddings")
         self.context_length: int = int(ctx) if isinstance(ctx, int) and ctx > 0 else 1 << 20
+
+    @property
+    def aliases(self) -> frozenset[str]:
+        """Names a request may use for the served model: its name, case-insensitively, and the
+        part after the organisation of a repo id, and "default"."""
+        name = self.model_name.lower()
+        return frozenset({name, name.rsplit("/", 1)[-1], "default"})
+
+    def check_model(self, requested: object, *, param: str = "model") -> None:
+        """A request naming a model we do not serve gets 404 model_not_found."""
+        if requested is None or requested == "":
+            return
+        if not isinstance(requested, str):
+            raise InvalidRequest(f"'{param}' must be a string", param=param)
+        if requested.lower() not in self.aliases:
+            raise NotFound(
+                f"the model {requested!r} does not exist; this server serves {self.model_name!r}",
+                param=param,
+                code="model_not_found",
+            )
 
     @property
     def scheduler(self) -> Scheduler:

@@ -180,8 +180,7 @@ async def list_models() -> Response | dict[str, Any]:
 @bp.get("/v1/models/<path:model_id>")
 async def get_model(model_id: str) -> Response | dict[str, Any]:
     fe = frontend()
-    if model_id != fe.model_name:
-        return openai_error(f"model {model_id!r} not found", status=404, code="model_not_found")
+    fe.check_model(model_id)
     return {"id": fe.model_name, "object": "model", "created": fe.created, "owned_by": "mlx-server"}
 
 
@@ -190,8 +189,7 @@ async def chat_completions() -> Response | dict[str, Any]:
     fe = frontend()
     body = await json_body()
     f = Fields(body)
-    if not isinstance(body.get("model", ""), str):
-        raise InvalidRequest("'model' must be a string", param="model")
+    fe.check_model(body.get("model"))
     chat = parse_chat_messages(body.get("messages"))
     stream = f.boolean("stream", False)
     n = f.integer("n", 1, lo=1, hi=1)
