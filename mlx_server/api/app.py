@@ -7,6 +7,7 @@ from quart_trio import QuartTrio
 
 from ..config import Settings
 from . import openai
+from .access import install_access_control
 from .errors import install_error_handlers
 from .state import ServerState, state
 
@@ -23,6 +24,7 @@ def create_app(settings: Settings, server_state: ServerState) -> QuartTrio:
     app.extensions["mlx_server"] = server_state
     app.register_blueprint(openai.bp)
     install_error_handlers(app)
+    install_access_control(app, settings)
 
     @app.get("/health")
     async def health() -> Response | tuple[dict[str, object], int]:
