@@ -3,6 +3,7 @@ tokens they give one at a time, and exactly mlx-lm's own generation."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,3 +90,43 @@ async def test_concurrent_equals_sequential_equals_mlx_lm(
         assert seq_msg == tok.decode(ref, skip_special_tokens=True), (
             f"request {i} differs from mlx-lm"
         )
+
+
+async def test_n_choices_batch_together(tiny_server: ServerProcess) -> None:
+    """n > 1: greedy choices are identical to the single answer; seeded sampled choices differ
+    from each other yet the whole response is reproducible; usage counts the prompt once."""
+    async with httpx.AsyncClient(base_url=tiny_server.base_url, timeout=120) as client:
+        single = await ask(client, "cats")
+        r = await client.post("/v1/chat/completions", json={**body("cats"), "n": 3})
+        assert r.status_code == 200, r.text
+        multi = r.json()
+        assert [c["index"] for c in multi["choices"]] == [0, 1, 2]
+        text = single["choices"][0]["message"]["content"]  # type: ignore[index]
+        assert all(c["message"]["content"] == text for c in multi["choices"])
+        usage, one = multi["usage"], single["usage"]
+        assert usage["prompt_tokens"] == one["prompt_tokens"]  # type: ignore[index]
+        assert usage["completion_tokens"] == 3 * one["completion_tokens"]  # type: ignore[index]
+
+        sampled = {**body("cats"), "n": 3, "temperature": 1.0, "seed": 11}
+        a = (await client.post("/v1/chat/completions", json=sampled)).json()
+        b = (await client.post("/v1/chat/completions", json=sampled)).json()
+        texts = [c["message"]["content"] for c in a["choices"]]
+        assert texts == [c["message"]["content"] for c in b["choices"]]
+        assert len(set(texts)) == 3
+
+        # Streaming: each choice gets its role delta, its content and one finish chunk.
+        chunks = []
+        async with client.stream(
+            "POST", "/v1/chat/completions", json={**sampled, "stream": True}
+        ) as resp:
+            async for line in resp.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(json.loads(line[6:]))
+        streamed = ["", "", ""]
+        finishes = [0, 0, 0]
+        for chunk in chunks:
+            for choice in chunk["choices"]:
+                streamed[choice["index"]] += choice["delta"].get("content") or ""
+                finishes[choice["index"]] += choice["finish_reason"] is not None
+        assert streamed == texts
+        assert finishes == [1, 1, 1]

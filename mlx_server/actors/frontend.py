@@ -10,14 +10,23 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 import trio
 
+from ..engine.embeddings import EmbeddingBatch, EmbeddingsUnsupported, plan_batches
 from ..engine.model import LoadedModel
-from ..errors import InvalidRequest, NotFound
+from ..errors import (
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    RequestTimeout,
+    ServiceUnavailable,
+)
 from ..messages import GenerationRequest, PromptSpec, StreamEvent
-from .scheduler import Scheduler
+from .executor import Job
+from .scheduler import EngineEvent, Scheduler
 from .stream import RequestStream
 
 
@@ -30,8 +39,10 @@ class Frontend:
         *,
         timeout: float,
         default_max_tokens: int,
+        submit_job: Callable[[Job], None] | None = None,
     ) -> None:
         self._loaded = loaded
+        self._submit_job = submit_job
         self._scheduler = scheduler
         self._nursery = nursery
         self.default_max_tokens = default_max_tokens
@@ -111,7 +122,64 @@ class Frontend:
             )
         return min(max_tokens, room)
 
-    def start_stream(self, request: GenerationRequest) -> StreamHandle:
+    async def embed(
+        self, inputs: Sequence[tuple[int, ...]], *, dimensions: int | None = None
+    ) -> list[list[float]]:
+        """Embed tokenized inputs with the loaded model (`engine.embeddings` documents the
+        pooling); vectors in input order.
+
+        The work runs on the executor thread as `Job`s, one chunk of one padded batch per job,
+        so generation steps go on between them and the event loop never waits for MLX."""
+        if self._submit_job is None:
+            raise ServiceUnavailable("embeddings are not available on this server")
+        submit = self._submit_job
+        deadline = trio.current_time() + self.timeout if math.isfinite(self.timeout) else math.inf
+
+        async def on_executor(fn: Callable[[LoadedModel], Any]) -> Any:
+            done = trio.Event()
+            outcome: list[Any] = [None, None]
+
+            def on_done(result: Any, error: BaseException | None) -> None:
+                outcome[:] = [result, error]
+                done.set()
+
+            submit(Job(fn, on_done))
+            with trio.move_on_at(deadline):
+                await done.wait()
+            if not done.is_set():
+                raise RequestTimeout(f"the embedding timed out after {self.timeout:g} s")
+            result, error = outcome
+            if isinstance(error, EmbeddingsUnsupported):
+                raise InvalidRequest(f"{error}: no embeddings from this model", param="model")
+            if error is not None:
+                raise error
+            return result
+
+        vectors: list[list[float]] = [[] for _ in inputs]
+        for rows in plan_batches([len(x) for x in inputs]):
+            part = [inputs[i] for i in rows]
+            batch: EmbeddingBatch = await on_executor(
+                lambda loaded, part=part: EmbeddingBatch(loaded.model, part, dimensions=dimensions)
+            )
+            while not await on_executor(lambda _, batch=batch: batch.step()):
+                pass
+            result: list[list[float]] = await on_executor(lambda _, batch=batch: batch.result())
+            for i, vector in zip(rows, result, strict=True):
+                vectors[i] = vector
+        return vectors
+
+    async def detokenize(self, ids: Sequence[int]) -> tuple[str, tuple[str, ...]]:
+        """The text of `ids` (special tokens kept) and each token's own text, off the event
+        loop: `echo` and prompt-token logprobs in the completions API need them."""
+        tok = self._loaded.tokenizer
+
+        def work() -> tuple[str, tuple[str, ...]]:
+            pieces = tuple(tok.decode([t], skip_special_tokens=False) for t in ids)
+            return tok.decode(list(ids), skip_special_tokens=False), pieces
+
+        return await trio.to_thread.run_sync(work)
+
+    def start_stream(self, request: GenerationRequest) -> StreamHandle[StreamEvent]:
         """Submit a request and start its stream actor; raises Overloaded (before anything is
         sent to the client) when the server is full.
 
@@ -119,9 +187,59 @@ class Frontend:
         scope ever spans a response body's yields. Closing the handle (the response ended, or
         the client went away) cancels the actor, whose exit removes the request from the
         executor; a handle nobody closes still ends at the request's hard deadline."""
-        events = self._scheduler.submit(request)
+        actor = self._actor(request, self._scheduler.submit(request))
+        out_send, out_recv = trio.open_memory_channel[StreamEvent](64)
+        scope = trio.CancelScope()
+        self._nursery.start_soon(actor.run, out_send, scope)
+        return StreamHandle(out_recv, scope)
+
+    def start_streams(
+        self, requests: Sequence[GenerationRequest]
+    ) -> StreamHandle[tuple[int, StreamEvent]]:
+        """Several requests sharing one response (`n` > 1, several prompts): they are queued
+        together (all or none: Overloaded aborts the ones already queued), batch together in
+        the executor, and their events arrive tagged with the request's index."""
+        queued: list[trio.MemoryReceiveChannel[EngineEvent]] = []
+        try:
+            for request in requests:
+                queued.append(self._scheduler.submit(request))
+        except Overloaded:
+            for request, events in zip(requests, queued, strict=False):
+                events.close()
+                self._scheduler.abort(request.request_id)
+            raise
+        out_send, out_recv = trio.open_memory_channel[tuple[int, StreamEvent]](64)
+        scope = trio.CancelScope()
+        self._nursery.start_soon(
+            self._run_group, list(zip(requests, queued, strict=True)), out_send, scope
+        )
+        return StreamHandle(out_recv, scope)
+
+    async def _run_group(
+        self,
+        members: list[tuple[GenerationRequest, trio.MemoryReceiveChannel[EngineEvent]]],
+        out: trio.MemorySendChannel[tuple[int, StreamEvent]],
+        scope: trio.CancelScope,
+    ) -> None:
+        async def forward(index: int, events: trio.MemoryReceiveChannel[StreamEvent]) -> None:
+            async with events:
+                async for event in events:
+                    await out.send((index, event))
+
+        with scope:
+            async with out, trio.open_nursery() as nursery:
+                for index, (request, engine_events) in enumerate(members):
+                    send, recv = trio.open_memory_channel[StreamEvent](64)
+                    nursery.start_soon(
+                        self._actor(request, engine_events).run, send, trio.CancelScope()
+                    )
+                    nursery.start_soon(forward, index, recv)
+
+    def _actor(
+        self, request: GenerationRequest, events: trio.MemoryReceiveChannel[EngineEvent]
+    ) -> RequestStream:
         deadline = trio.current_time() + self.timeout if math.isfinite(self.timeout) else math.inf
-        actor = RequestStream(
+        return RequestStream(
             request,
             events,
             self._scheduler,
@@ -129,18 +247,15 @@ class Frontend:
             deadline=deadline,
             timeout=self.timeout,
         )
-        out_send, out_recv = trio.open_memory_channel[StreamEvent](64)
-        scope = trio.CancelScope()
-        self._nursery.start_soon(actor.run, out_send, scope)
-        return StreamHandle(out_recv, scope)
 
 
-class StreamHandle:
+T = TypeVar("T")
+
+
+class StreamHandle(Generic[T]):
     """The consumer side of one request's stream; use as a (sync) context manager."""
 
-    def __init__(
-        self, events: trio.MemoryReceiveChannel[StreamEvent], scope: trio.CancelScope
-    ) -> None:
+    def __init__(self, events: trio.MemoryReceiveChannel[T], scope: trio.CancelScope) -> None:
         self.events = events
         self._scope = scope
 
@@ -148,7 +263,7 @@ class StreamHandle:
         self._scope.cancel()
         self.events.close()
 
-    def __enter__(self) -> trio.MemoryReceiveChannel[StreamEvent]:
+    def __enter__(self) -> trio.MemoryReceiveChannel[T]:
         return self.events
 
     def __exit__(self, *exc: object) -> None:

@@ -7,6 +7,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import attrs
+import trio
 from quart import Blueprint, Response
 
 from ..errors import InvalidRequest
@@ -18,6 +20,7 @@ from ..messages import (
     Heartbeat,
     PromptSpec,
     SamplingParams,
+    StreamEvent,
     TextDelta,
     TokenLogprob,
     Usage,
@@ -192,8 +195,7 @@ async def chat_completions() -> Response | dict[str, Any]:
     fe.check_model(body.get("model"))
     chat = parse_chat_messages(body.get("messages"))
     stream = f.boolean("stream", False)
-    n = f.integer("n", 1, lo=1, hi=1)
-    assert n == 1
+    n = f.integer("n", 1, lo=1, hi=MAX_N) or 1
     max_tokens = f.integer("max_completion_tokens", None, lo=1)
     if max_tokens is None:
         max_tokens = f.integer("max_tokens", None, lo=1)
@@ -203,9 +205,7 @@ async def chat_completions() -> Response | dict[str, Any]:
     if top_logprobs and not want_logprobs:
         raise InvalidRequest("'top_logprobs' requires 'logprobs': true", param="top_logprobs")
     if want_logprobs:
-        sampling = sampling.__class__(
-            **{**_fields(sampling), "logprobs": True, "top_logprobs": top_logprobs}
-        )
+        sampling = attrs.evolve(sampling, logprobs=True, top_logprobs=top_logprobs)
     stop = f.stop_list("stop")
     stream_options = f.obj("stream_options") or {}
     include_usage = bool(stream_options.get("include_usage")) if stream else False
@@ -223,7 +223,7 @@ async def chat_completions() -> Response | dict[str, Any]:
 
     prompt_ids = await fe.prompt_ids(PromptSpec(chat=chat))
     limit = fe.check_length(prompt_ids, max_tokens or fe.default_max_tokens)
-    request = GenerationRequest(
+    base = GenerationRequest(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         prompt_ids=prompt_ids,
         sampling=sampling,
@@ -231,121 +231,156 @@ async def chat_completions() -> Response | dict[str, Any]:
         stop=stop,
         ignore_eos=f.boolean("ignore_eos", False),
     )
-    created = int(time.time())
+    render = ChatRender(
+        id=base.request_id,
+        created=int(time.time()),
+        model=fe.model_name,
+        n=n,
+        include_usage=include_usage,
+        want_logprobs=want_logprobs,
+    )
+    requests = choice_requests(base, n)
     if stream:
-        return await _stream_chat(fe, request, created, include_usage, want_logprobs)
-    return await _complete_chat(fe, request, created, want_logprobs)
+        handle = fe.start_streams(requests)  # a full queue is a 429 before any byte is sent
+        body = render.stream(handle.events)
+        return Response(sse.ClosingBody(body, handle.close), status=200, headers=sse.SSE_HEADERS)
+    with fe.start_streams(requests) as events:
+        return await render.complete(events)
 
 
-def _fields(obj: Any) -> dict[str, Any]:
-    import attrs
-
-    return attrs.asdict(obj, recurse=False)
+MAX_N = 16
 
 
-async def _complete_chat(
-    fe: Any, request: GenerationRequest, created: int, want_logprobs: bool
-) -> Response | dict[str, Any]:
-    texts: list[str] = []
-    logprobs: list[dict[str, Any]] = []
-    with fe.start_stream(request) as events:
-        async for ev in events:
+def choice_requests(base: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """One generation per choice. A seeded request gives each choice its own derived seed, so
+    choices differ yet the whole response is reproducible."""
+    if n == 1:
+        return [base]
+    out = []
+    for j in range(n):
+        sampling = base.sampling
+        if sampling.seed is not None:
+            sampling = attrs.evolve(sampling, seed=sampling.seed + j)
+        out.append(attrs.evolve(base, request_id=f"{base.request_id}-{j}", sampling=sampling))
+    return out
+
+
+def finish_reason(ev: Finished) -> str:
+    return ev.finish_reason if ev.finish_reason in ("stop", "length") else "stop"
+
+
+@attrs.define
+class ChatRender:
+    """Renders one chat completion (n choices) in OpenAI's shapes, streamed or whole."""
+
+    id: str
+    created: int
+    model: str
+    n: int
+    include_usage: bool
+    want_logprobs: bool
+
+    def _envelope(self, obj: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+
+    async def complete(
+        self, events: trio.MemoryReceiveChannel[tuple[int, StreamEvent]]
+    ) -> Response | dict[str, Any]:
+        texts: list[list[str]] = [[] for _ in range(self.n)]
+        logprobs: list[list[dict[str, Any]]] = [[] for _ in range(self.n)]
+        finished: dict[int, Finished] = {}
+        async for index, ev in events:
             if isinstance(ev, TextDelta):
-                texts.append(ev.text)
-                logprobs.extend(logprob_json(lp) for lp in ev.logprobs)
+                texts[index].append(ev.text)
+                logprobs[index].extend(logprob_json(lp) for lp in ev.logprobs)
             elif isinstance(ev, Failed):
                 return openai_error(ev.message, status=ev.status, kind=ev.kind)
             elif isinstance(ev, Finished):
-                return {
-                    "id": request.request_id,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": fe.model_name,
-                    "system_fingerprint": SYSTEM_FINGERPRINT,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {
-                                "role": "assistant",
-                                "content": "".join(texts),
-                                "refusal": None,
-                            },
-                            "logprobs": {"content": logprobs, "refusal": None}
-                            if want_logprobs
-                            else None,
-                            "finish_reason": ev.finish_reason
-                            if ev.finish_reason in ("stop", "length")
-                            else "stop",
-                        }
-                    ],
-                    "usage": usage_json(ev.usage),
-                }
-    return openai_error("the generation ended without a result", status=500)
-
-
-async def _stream_chat(
-    fe: Any, request: GenerationRequest, created: int, include_usage: bool, want_logprobs: bool
-) -> Response:
-    # Submit now so that a full queue is a 429 before any byte is sent.
-    handle = fe.start_stream(request)
-    events = handle.events
-
-    def chunk(
-        delta: dict[str, Any], finish: str | None = None, lps: list[Any] | None = None
-    ) -> bytes:
-        obj: dict[str, Any] = {
-            "id": request.request_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": fe.model_name,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": [
-                {
-                    "index": 0,
-                    "delta": delta,
-                    "logprobs": {"content": lps, "refusal": None} if lps is not None else None,
-                    "finish_reason": finish,
-                }
-            ],
+                finished[index] = ev
+                if len(finished) == self.n:
+                    break
+        if len(finished) < self.n:
+            return openai_error("the generation ended without a result", status=500)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(texts[i]), "refusal": None},
+                "logprobs": {"content": logprobs[i], "refusal": None}
+                if self.want_logprobs
+                else None,
+                "finish_reason": finish_reason(finished[i]),
+            }
+            for i in range(self.n)
+        ]
+        return {
+            **self._envelope("chat.completion"),
+            "choices": choices,
+            "usage": usage_json(total_usage(list(finished.values()))),
         }
-        if include_usage:
+
+    def _chunk(
+        self,
+        index: int,
+        delta: dict[str, Any],
+        finish: str | None = None,
+        lps: list[Any] | None = None,
+    ) -> bytes:
+        obj = self._envelope("chat.completion.chunk")
+        obj["choices"] = [
+            {
+                "index": index,
+                "delta": delta,
+                "logprobs": {"content": lps, "refusal": None} if lps is not None else None,
+                "finish_reason": finish,
+            }
+        ]
+        if self.include_usage:
             obj["usage"] = None
         return sse.data(obj)
 
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            yield chunk({"role": "assistant", "content": ""})
-            async for ev in events:
-                if isinstance(ev, TextDelta):
-                    lps = [logprob_json(lp) for lp in ev.logprobs] if want_logprobs else None
-                    if ev.text or lps:
-                        yield chunk({"content": ev.text}, lps=lps)
-                elif isinstance(ev, Heartbeat):
-                    yield sse.KEEPALIVE
-                elif isinstance(ev, Failed):
-                    yield sse.data(openai_error_body(ev.message, status=ev.status, kind=ev.kind))
+    async def stream(
+        self, events: trio.MemoryReceiveChannel[tuple[int, StreamEvent]]
+    ) -> AsyncIterator[bytes]:
+        for i in range(self.n):
+            yield self._chunk(i, {"role": "assistant", "content": ""})
+        finished: dict[int, Finished] = {}
+        async for index, ev in events:
+            if isinstance(ev, TextDelta):
+                lps = [logprob_json(lp) for lp in ev.logprobs] if self.want_logprobs else None
+                if ev.text or lps:
+                    yield self._chunk(index, {"content": ev.text}, lps=lps)
+            elif isinstance(ev, Heartbeat):
+                yield sse.KEEPALIVE
+            elif isinstance(ev, Failed):
+                yield sse.data(openai_error_body(ev.message, status=ev.status, kind=ev.kind))
+                break
+            elif isinstance(ev, Finished):
+                finished[index] = ev
+                yield self._chunk(index, {}, finish_reason(ev))
+                if len(finished) == self.n:
+                    if self.include_usage:
+                        obj = self._envelope("chat.completion.chunk")
+                        obj["choices"] = []
+                        obj["usage"] = usage_json(total_usage(list(finished.values())))
+                        yield sse.data(obj)
                     break
-                elif isinstance(ev, Finished):
-                    finish = ev.finish_reason if ev.finish_reason in ("stop", "length") else "stop"
-                    yield chunk({}, finish)
-                    if include_usage:
-                        yield sse.data(
-                            {
-                                "id": request.request_id,
-                                "object": "chat.completion.chunk",
-                                "created": created,
-                                "model": fe.model_name,
-                                "system_fingerprint": SYSTEM_FINGERPRINT,
-                                "choices": [],
-                                "usage": usage_json(ev.usage),
-                            }
-                        )
-                    break
-            else:
-                message = "the generation ended without a result"
-                yield sse.data(openai_error_body(message, status=500))
-            yield sse.DONE
-        finally:
-            handle.close()
+        else:
+            message = "the generation ended without a result"
+            yield sse.data(openai_error_body(message, status=500))
+        yield sse.DONE
 
-    return Response(sse.ClosingBody(body(), handle.close), status=200, headers=sse.SSE_HEADERS)
+
+def total_usage(finished: list[Finished]) -> Usage:
+    """The prompt is counted once however many choices share it; completions add up."""
+    first = finished[0].usage
+    return Usage(
+        prompt_tokens=first.prompt_tokens,
+        completion_tokens=sum(f.usage.completion_tokens for f in finished),
+        cached_tokens=first.cached_tokens,
+    )
