@@ -43,6 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     """
     settings = load_settings(argv)
     configure_logging(settings)
+    # Before anything imports mlx: an optimized BLAS must be loaded first to be used.
+    from .engine.cpu import preload_blas
+
+    preload_blas()
     try:
         from . import runtime  # lazily: it pulls in mlx and the model machinery
 

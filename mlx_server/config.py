@@ -45,6 +45,7 @@ class Settings:
     prefill_chunk: int = 512
     prompt_cache_bytes: int = 1 << 30
     served_model_name: str | None = None
+    cpu_dequantize: str = "auto"
 
 
 class _BadValue(ValueError):
@@ -59,6 +60,16 @@ def _int(value: str, what: str) -> int:
         return int(value.strip(), 10)
     except ValueError:
         raise _BadValue(f"invalid {what} {value!r} (must be an integer)") from None
+
+
+def _choice(what: str, choices: tuple[str, ...]) -> Callable[[str], str]:
+    def convert(value: str) -> str:
+        v = value.strip().lower()
+        if v not in choices:
+            raise _BadValue(f"invalid {what} {value!r} (must be one of {', '.join(choices)})")
+        return v
+
+    return convert
 
 
 def _port(value: str) -> int:
@@ -232,6 +243,14 @@ _OPTIONS: tuple[_Option, ...] = (
         "model when unset.",
         "NAME",
         "derived from the model",
+    ),
+    _Option(
+        "cpu_dequantize",
+        _choice("cpu dequantize", ("auto", "always", "never")),
+        "Run the model in float32 on the CPU: auto does so when an optimized BLAS was found "
+        "and the float32 weights fit in 8 GiB (much faster prompts); always; or never.",
+        "auto|always|never",
+        "auto",
     ),
 )
 

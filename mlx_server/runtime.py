@@ -87,7 +87,11 @@ async def serve(
             max_waiting=settings.max_queue,
         )
         executor = Executor(
-            lambda: model_loading.load(settings.model, served_name=settings.served_model_name),
+            lambda: model_loading.load(
+                settings.model,
+                served_name=settings.served_model_name,
+                cpu_dequantize=settings.cpu_dequantize,  # type: ignore[arg-type]
+            ),
             on_output=scheduler.on_executor_output,
             prefill_chunk=settings.prefill_chunk,
             keep_caches=settings.prompt_cache_bytes > 0,
@@ -102,6 +106,7 @@ async def serve(
             root,
             timeout=settings.timeout if settings.timeout > 0 else math.inf,
             default_max_tokens=settings.max_tokens,
+            submit_job=executor.send,
         )
         server_state.status = "ok"
         log.info("model %s ready (%s)", loaded.name, loaded.source)

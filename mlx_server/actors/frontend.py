@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
-from ..engine.embeddings import EmbeddingBatch, EmbeddingsUnsupported, plan_batches
+from ..engine.embeddings import EmbeddingBatch, EmbeddingsUnsupported, hidden_size, plan_batches
 from ..engine.model import LoadedModel
 from ..errors import (
     InvalidRequest,
@@ -132,6 +132,13 @@ class Frontend:
         so generation steps go on between them and the event loop never waits for MLX."""
         if self._submit_job is None:
             raise ServiceUnavailable("embeddings are not available on this server")
+        size = hidden_size(self._loaded.config)
+        if dimensions is not None and size is not None and not 1 <= dimensions <= size:
+            raise InvalidRequest(
+                f"'dimensions' must be between 1 and {size} (this model's hidden size), "
+                f"got {dimensions}",
+                param="dimensions",
+            )
         submit = self._submit_job
         deadline = trio.current_time() + self.timeout if math.isfinite(self.timeout) else math.inf
 

@@ -6,7 +6,7 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from ..config import Settings
-from . import openai
+from . import anthropic, completions, embeddings, openai
 from .access import install_access_control
 from .errors import install_error_handlers
 from .state import ServerState, state
@@ -23,6 +23,9 @@ def create_app(settings: Settings, server_state: ServerState) -> QuartTrio:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["mlx_server"] = server_state
     app.register_blueprint(openai.bp)
+    app.register_blueprint(anthropic.bp)
+    app.register_blueprint(completions.bp)
+    app.register_blueprint(embeddings.bp)
     install_error_handlers(app)
     install_access_control(app, settings)
 

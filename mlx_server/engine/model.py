@@ -18,6 +18,7 @@ import mlx.nn as nn
 
 from ..errors import ModelLoadError
 from .chat_template import ChatTemplate
+from .cpu import Policy, prepare_for_device
 from .tokenizer import Tokenizer, load_hf_tokenizer
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class LoadedModel:
     template: ChatTemplate
     config: dict[str, Any]
     source: str
+    device_note: str = ""
 
 
 def default_model_path() -> Path:
@@ -92,8 +94,18 @@ def precheck(spec: str | None) -> None:
         )
 
 
-def load(spec: str | None, *, served_name: str | None = None) -> LoadedModel:
-    """Load the model a user configured (None: the bundled default)."""
+def load(
+    spec: str | None, *, served_name: str | None = None, cpu_dequantize: Policy = "never"
+) -> LoadedModel:
+    """Load the model a user configured (None: the bundled default), then prepare its weights
+    for the device (see `engine.cpu`: float32 on a CPU with a fast BLAS)."""
+    loaded = _load(spec, served_name)
+    loaded.device_note = prepare_for_device(loaded.model, cpu_dequantize)
+    log.info("%s: %s", loaded.name, loaded.device_note)
+    return loaded
+
+
+def _load(spec: str | None, served_name: str | None) -> LoadedModel:
     name = served_name or model_name_for(spec)
     if spec is None:
         path = default_model_path()
@@ -144,12 +156,12 @@ def fetch_from_hub(repo_id: str) -> Path:
     log.info("downloading %s from the Hugging Face hub into the local cache", repo_id)
     try:
         return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=_HF_PATTERNS))
+    except hf_errors.GatedRepoError as exc:
+        raise ModelLoadError(f"Hugging Face repo {repo_id} is gated: log in first") from exc
     except hf_errors.RepositoryNotFoundError as exc:
         raise ModelLoadError(f"Hugging Face repo not found: {repo_id}") from exc
     except hf_errors.RevisionNotFoundError as exc:
         raise ModelLoadError(f"Hugging Face repo {repo_id}: revision not found") from exc
-    except hf_errors.GatedRepoError as exc:
-        raise ModelLoadError(f"Hugging Face repo {repo_id} is gated: log in first") from exc
     except hf_errors.LocalEntryNotFoundError as exc:
         raise ModelLoadError(
             f"cannot download {repo_id}: the hub is unreachable and the model is not cached"

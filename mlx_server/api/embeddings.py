@@ -1,0 +1,127 @@
+"""OpenAI embeddings: `POST /v1/embeddings`, computed by the loaded model.
+
+Each input's vector is the mean of the model's final hidden states (after the final norm) over
+the input's tokens, L2-normalised; `dimensions` truncates it and normalises again. See
+`engine.embeddings` for the pooling and `Frontend.embed` for how the work reaches the executor
+thread. Texts are tokenized without a chat template (with a BOS token only for models that want
+one); token-id inputs are used as they are.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from typing import Any
+
+from quart import Blueprint, Response
+
+from ..errors import InvalidRequest
+from ..messages import PromptSpec
+from .params import Fields, json_body
+from .state import frontend
+
+bp = Blueprint("embeddings", __name__)
+
+MAX_INPUTS = 2048  # OpenAI's limit
+ENCODING_FORMATS = ("float", "base64")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_inputs(raw: Any, *, param: str = "input") -> list[PromptSpec]:
+    """A non-empty string, a list of them, a list of token ids, or a list of lists of ids."""
+    if raw is None:
+        raise InvalidRequest(f"'{param}' is required", param=param)
+    if isinstance(raw, str):
+        raw = [raw]
+    elif not isinstance(raw, list):
+        raise InvalidRequest(
+            f"'{param}' must be a string, a list of strings, a list of token ids or a list of "
+            "lists of token ids",
+            param=param,
+        )
+    if not raw:
+        raise InvalidRequest(f"'{param}' must not be empty", param=param)
+    if len(raw) > MAX_INPUTS:
+        raise InvalidRequest(f"'{param}' takes at most {MAX_INPUTS} inputs", param=param)
+    if all(isinstance(x, str) for x in raw):
+        for i, text in enumerate(raw):
+            if not text:
+                raise InvalidRequest(f"'{param}[{i}]' is an empty string", param=param)
+        return [PromptSpec(text=text) for text in raw]
+    if all(_is_int(t) for t in raw):
+        return [PromptSpec(token_ids=tuple(raw))]
+    if all(isinstance(x, list) for x in raw):
+        out: list[PromptSpec] = []
+        for i, ids in enumerate(raw):
+            if not ids or not all(_is_int(t) for t in ids):
+                raise InvalidRequest(
+                    f"'{param}[{i}]' must be a non-empty list of token ids", param=param
+                )
+            out.append(PromptSpec(token_ids=tuple(ids)))
+        return out
+    raise InvalidRequest(
+        f"'{param}' mixes types: use only strings, only token ids, or only lists of token ids",
+        param=param,
+    )
+
+
+def encode_base64(vector: list[float]) -> str:
+    """Little-endian float32 bytes, base64: what OpenAI sends and its SDKs decode."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+@bp.post("/v1/embeddings")
+async def embeddings() -> Response | dict[str, Any]:
+    fe = frontend()
+    body = await json_body()
+    f = Fields(body)
+    fe.check_model(body.get("model"))
+    specs = parse_inputs(body.get("input"))
+    encoding = f.string("encoding_format", "float")
+    if encoding not in ENCODING_FORMATS:
+        raise InvalidRequest(
+            f"'encoding_format' must be one of {list(ENCODING_FORMATS)}, got {encoding!r}",
+            param="encoding_format",
+        )
+    dimensions = f.integer("dimensions", None, lo=1)
+    f.string("user")
+
+    vocab = fe.vocab_size
+    inputs: list[tuple[int, ...]] = []
+    for i, spec in enumerate(specs):
+        if spec.token_ids is not None:
+            bad = [t for t in spec.token_ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequest(
+                    f"'input[{i}]': token id {bad[0]} is out of range [0, {vocab})", param="input"
+                )
+        ids = await fe.prompt_ids(spec)
+        if not ids:
+            raise InvalidRequest(f"'input[{i}]' has no tokens", param="input")
+        if len(ids) > fe.context_length:
+            raise InvalidRequest(
+                f"this model's maximum context length is {fe.context_length} tokens; "
+                f"input[{i}] has {len(ids)}",
+                param="input",
+                code="context_length_exceeded",
+            )
+        inputs.append(ids)
+
+    vectors = await fe.embed(inputs, dimensions=dimensions)
+    total = sum(len(ids) for ids in inputs)
+    return {
+        "object": "list",
+        "data": [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": encode_base64(v) if encoding == "base64" else v,
+            }
+            for i, v in enumerate(vectors)
+        ],
+        "model": fe.model_name,
+        "usage": {"prompt_tokens": total, "total_tokens": total},
+    }
