@@ -46,6 +46,8 @@ class Settings:
     prompt_cache_bytes: int = 1 << 30
     served_model_name: str | None = None
     cpu_dequantize: str = "auto"
+    shutdown_grace: float = 10.0
+    model_aliases: tuple[str, ...] = ()
 
 
 class _BadValue(ValueError):
@@ -100,6 +102,26 @@ def _timeout(value: str) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise _BadValue(f"invalid timeout {value!r} (must be a number of seconds > 0)")
     return seconds
+
+
+def _seconds(what: str) -> Callable[[str], float]:
+    def convert(value: str) -> float:
+        try:
+            seconds = float(value.strip())
+        except ValueError:
+            raise _BadValue(f"invalid {what} {value!r} (must be a number of seconds)") from None
+        if not math.isfinite(seconds) or seconds < 0:
+            raise _BadValue(f"invalid {what} {value!r} (must be a number of seconds >= 0)")
+        return seconds
+
+    return convert
+
+
+def _aliases(value: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    if not names:
+        raise _BadValue(f"invalid model aliases {value!r} (comma-separated names)")
+    return names
 
 
 def _log_level(value: str) -> str:
@@ -251,6 +273,22 @@ _OPTIONS: tuple[_Option, ...] = (
         "and the float32 weights fit in 8 GiB (much faster prompts); always; or never.",
         "auto|always|never",
         "auto",
+    ),
+    _Option(
+        "model_aliases",
+        _aliases,
+        "Other model names (comma-separated, shell-style patterns allowed, e.g. 'claude-*,gpt-4o') "
+        "that requests may use for the served model; other unknown names get 404.",
+        "NAMES",
+        "none",
+    ),
+    _Option(
+        "shutdown_grace",
+        _seconds("shutdown grace"),
+        "On SIGTERM/SIGINT, how long in-flight requests may run on before they are ended "
+        "with an error event.",
+        "SECONDS",
+        "10",
     ),
 )
 

@@ -169,10 +169,12 @@ class SequenceFinished:
 
 @attrs.frozen(kw_only=True)
 class SequenceFailed:
-    """The executor raised while working on a request."""
+    """The request could not be completed: the executor raised, or the server is stopping."""
 
     request_id: str
     message: str
+    kind: str = "api_error"
+    status: int = 500
 
 
 @attrs.frozen(kw_only=True)

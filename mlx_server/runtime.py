@@ -28,8 +28,6 @@ from .messages import ExecutorCommand
 
 log = logging.getLogger("mlx_server")
 
-GRACE_SECONDS = 10.0
-
 
 def run(settings: Settings) -> int:
     trio.run(serve, settings)
@@ -42,7 +40,7 @@ def _hypercorn_config(settings: Settings) -> HypercornConfig:
     config.bind = [f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.graceful_timeout = GRACE_SECONDS
+    config.graceful_timeout = settings.shutdown_grace + 2.0
     config.keep_alive_timeout = 75
     return config
 
@@ -59,18 +57,24 @@ async def serve(
     app = create_app(settings, server_state)
     stop_http = trio.Event()
 
+    http_done = trio.Event()
+
     async def http_shutdown() -> None:
         await stop_http.wait()
 
-    async with trio.open_nursery() as root:
-        binds = await root.start(
-            lambda task_status: hypercorn_serve(
+    async def serve_http(task_status: trio.TaskStatus[list[str]]) -> None:
+        try:
+            await hypercorn_serve(
                 app,  # type: ignore[arg-type]
                 _hypercorn_config(settings),
                 shutdown_trigger=http_shutdown,
                 task_status=task_status,
             )
-        )
+        finally:
+            http_done.set()
+
+    async with trio.open_nursery() as root:
+        binds = await root.start(serve_http)
         for bind in binds:
             log.info("listening on %s", bind)
 
@@ -106,6 +110,7 @@ async def serve(
             root,
             timeout=settings.timeout if settings.timeout > 0 else math.inf,
             default_max_tokens=settings.max_tokens,
+            model_aliases=settings.model_aliases,
             submit_job=executor.send,
         )
         server_state.status = "ok"
@@ -120,8 +125,13 @@ async def serve(
         else:
             await shutdown_trigger()
         server_state.status = "stopping"
-        stop_http.set()
-        # hypercorn lets in-flight requests finish within its graceful timeout
-        with trio.move_on_after(GRACE_SECONDS + 1):
+        stop_http.set()  # stop accepting connections; open ones may finish
+        with trio.move_on_after(settings.shutdown_grace):
             await scheduler.wait_idle()
+        if scheduler.running or scheduler.waiting:
+            log.info("grace period over; ending %d requests", scheduler.running + scheduler.waiting)
+            scheduler.fail_all("the server is shutting down")
+        # Let the last bytes (final chunks, error events) reach the clients.
+        with trio.move_on_after(2.0):
+            await http_done.wait()
         root.cancel_scope.cancel()

@@ -645,7 +645,7 @@ async def test_stream_failure() -> None:
         events, ended = read(handle)
         events = without_heartbeats(events)
         assert texts(events) == "Hello"
-        assert events[-1] == Failed(message="generation failed: kaput")
+        assert events[-1] == Failed(message="kaput")
         assert ended
         assert a.fake.aborted_ids == []
 

@@ -74,7 +74,7 @@ def chat(topic: str) -> list[dict[str, str]]:
 
 
 def mlx_lm_reference(model_dir: Path, n: int = N_TOKENS) -> Reference:
-    model, tok = mlx_lm.load(str(model_dir))
+    model, tok = mlx_lm.load(str(model_dir))[:2]
     prompts = tuple(
         tuple(tok.apply_chat_template(chat(t), add_generation_prompt=True)) for t in TOPICS
     )
@@ -87,7 +87,9 @@ def mlx_lm_reference(model_dir: Path, n: int = N_TOKENS) -> Reference:
         )
         for p in prompts
     )
-    return Reference(prompts=prompts, tokens=tokens, eos=frozenset(tok.eos_token_ids), tokenizer=tok)
+    return Reference(
+        prompts=prompts, tokens=tokens, eos=frozenset(tok.eos_token_ids), tokenizer=tok
+    )
 
 
 def greedy(rid: str, prompt: tuple[int, ...], n: int) -> Admit:
@@ -194,7 +196,9 @@ def servers(
 
 
 @pytest.fixture
-def server(arch: str, servers: dict[str, concurrent.futures.Future[ServerProcess]]) -> ServerProcess:
+def server(
+    arch: str, servers: dict[str, concurrent.futures.Future[ServerProcess]]
+) -> ServerProcess:
     return servers[arch].result()
 
 
@@ -323,7 +327,7 @@ def test_variant_equals_mlx_lm(arch: str, variant: str, tmp_path: Path) -> None:
 
     ref = mlx_lm_reference(path, n=12)
     engine = engine_for(path)
-    model = engine.model
+    model: Any = engine.model
     if "dtype" in kwargs:
         assert model.model.norm.weight.dtype == mx.bfloat16
     if "layer_bits" in kwargs:

@@ -27,6 +27,7 @@ import yaml
 from anthropic.types import MessageParam
 from jsonschema.exceptions import relevance
 
+from mlx_server.api import anthropic as anthropic_api
 from mlx_server.testing import openapi
 from mlx_server.testing.server import ServerProcess
 
@@ -122,6 +123,23 @@ def test_spec_rewrite_is_strict() -> None:
         validate("MessageStreamEvent", {"type": "no_such_event"})
     with pytest.raises(AssertionError):
         validate("Message", {"role": "assistant", "content": [{"type": "text"}]})  # no text
+
+
+@pytest.mark.parametrize(
+    ("full", "empty", "closing"),
+    [
+        pytest.param((1, 2, 7, 8, 3, 4), (1, 2, 3, 4), 2, id="chatml"),
+        pytest.param((1, 2, 7, 4, 3, 4), (1, 2, 3, 4), 2, id="content-ends-like-closing"),
+        pytest.param((1, 9, 7, 3, 4), (1, 2, 3, 4), 2, id="boundary-merges"),
+        pytest.param((1, 2, 5, 7, 3), (1, 2, 3), 1, id="template-skips-empty-turns"),
+        pytest.param((1, 2, 7), (1, 2), 0, id="no-closing"),
+    ],
+)
+def test_prefill_closing_length(
+    full: tuple[int, ...], empty: tuple[int, ...], closing: int
+) -> None:
+    """The tokens a template writes after the final turn's content: never part of the content."""
+    assert anthropic_api._closing_length(full, empty) == closing
 
 
 # --------------------------------------------------------------------------- fixtures / helpers

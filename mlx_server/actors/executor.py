@@ -165,7 +165,7 @@ class Executor:
                 events = engine.step()
             except Exception as exc:
                 log.exception("executor step failed")
-                message = f"{type(exc).__name__}: {exc}"
+                message = f"generation failed: {type(exc).__name__}: {exc}"
                 failed = [
                     SequenceFailed(request_id=s.request_id, message=message)
                     for s in engine.abort_all("error")

@@ -7,6 +7,7 @@ in a worker thread so a long prompt never stalls the event loop.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import time
@@ -40,8 +41,10 @@ class Frontend:
         timeout: float,
         default_max_tokens: int,
         submit_job: Callable[[Job], None] | None = None,
+        model_aliases: tuple[str, ...] = (),
     ) -> None:
         self._loaded = loaded
+        self.model_aliases = model_aliases
         self._submit_job = submit_job
         self._scheduler = scheduler
         self._nursery = nursery
@@ -53,12 +56,15 @@ class Frontend:
         ctx = loaded.config.get("max_position_embeddings")
         self.context_length: int = int(ctx) if isinstance(ctx, int) and ctx > 0 else 1 << 20
 
-    @property
-    def aliases(self) -> frozenset[str]:
-        """Names a request may use for the served model: its name, case-insensitively, and the
-        part after the organisation of a repo id, and "default"."""
-        name = self.model_name.lower()
-        return frozenset({name, name.rsplit("/", 1)[-1], "default"})
+    def serves(self, requested: str) -> bool:
+        """Whether a request's model name means the served model: its name (case-insensitive),
+        the part after the organisation of a repo id, "default", or a configured alias
+        (shell-style patterns such as `claude-*`)."""
+        name = requested.lower()
+        own = self.model_name.lower()
+        if name in (own, own.rsplit("/", 1)[-1], "default"):
+            return True
+        return any(fnmatch.fnmatchcase(name, a.lower()) for a in self.model_aliases)
 
     def check_model(self, requested: object, *, param: str = "model") -> None:
         """A request naming a model we do not serve gets 404 model_not_found."""
@@ -66,7 +72,7 @@ class Frontend:
             return
         if not isinstance(requested, str):
             raise InvalidRequest(f"'{param}' must be a string", param=param)
-        if requested.lower() not in self.aliases:
+        if not self.serves(requested):
             raise NotFound(
                 f"the model {requested!r} does not exist; this server serves {self.model_name!r}",
                 param=param,

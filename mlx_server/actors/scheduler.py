@@ -142,6 +142,17 @@ class Scheduler:
             for tracked in [*self._waiting.values(), *self._running.values()]:
                 tracked.events.close()
 
+    def fail_all(self, message: str) -> None:
+        """End every request now with an error (shutdown after the grace period)."""
+        for rid, tracked in [*self._waiting.items(), *self._running.items()]:
+            if rid in self._running:
+                self._to_executor(Abort(request_id=rid))
+            _deliver(tracked, SequenceFailed(request_id=rid, message=message, status=503))
+            tracked.events.close()
+            self._done_one()
+        self._waiting.clear()
+        self._running.clear()
+
     def _abort(self, request_id: str) -> None:
         tracked = self._waiting.pop(request_id, None)
         if tracked is not None:

@@ -122,7 +122,7 @@ class RequestStream:
                 )
                 return True
             elif isinstance(event, SequenceFailed):
-                await out.send(Failed(message=f"generation failed: {event.message}"))
+                await out.send(Failed(message=event.message, kind=event.kind, status=event.status))
                 return True
         # The scheduler closed the channel without a final event (shutting down).
         await out.send(

@@ -44,6 +44,8 @@ def parse_inputs(raw: Any, *, param: str = "input") -> list[PromptSpec]:
         )
     if not raw:
         raise InvalidRequest(f"'{param}' must not be empty", param=param)
+    if all(_is_int(t) for t in raw):
+        return [PromptSpec(token_ids=tuple(raw))]
     if len(raw) > MAX_INPUTS:
         raise InvalidRequest(f"'{param}' takes at most {MAX_INPUTS} inputs", param=param)
     if all(isinstance(x, str) for x in raw):
@@ -51,8 +53,6 @@ def parse_inputs(raw: Any, *, param: str = "input") -> list[PromptSpec]:
             if not text:
                 raise InvalidRequest(f"'{param}[{i}]' is an empty string", param=param)
         return [PromptSpec(text=text) for text in raw]
-    if all(_is_int(t) for t in raw):
-        return [PromptSpec(token_ids=tuple(raw))]
     if all(isinstance(x, list) for x in raw):
         out: list[PromptSpec] = []
         for i, ids in enumerate(raw):

@@ -24,7 +24,10 @@ def state() -> ServerState:
 
 
 def frontend() -> Frontend:
-    fe = state().frontend
+    st = state()
+    if st.status == "stopping":
+        raise ServiceUnavailable("the server is shutting down", code="shutting_down")
+    fe = st.frontend
     if fe is None:
         raise ServiceUnavailable("the model is still loading; retry shortly", code="model_loading")
     return fe
