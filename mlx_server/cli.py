@@ -41,7 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     will not load, say) prints one line and returns 1 (2 for a ``ConfigError``);
     Ctrl-C returns 130 without a traceback.
     """
-    settings = load_settings(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["convert"]:
+        from .convert import main as convert_main
+
+        return convert_main(args[1:])
+    settings = load_settings(args)
     configure_logging(settings)
     # Before anything imports mlx: an optimized BLAS must be loaded first to be used.
     from .engine.cpu import preload_blas
