@@ -48,6 +48,8 @@ class Settings:
     cpu_dequantize: str = "auto"
     shutdown_grace: float = 10.0
     model_aliases: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 32 << 20
 
 
 class _BadValue(ValueError):
@@ -122,6 +124,24 @@ def _aliases(value: str) -> tuple[str, ...]:
     if not names:
         raise _BadValue(f"invalid model aliases {value!r} (comma-separated names)")
     return names
+
+
+def _origins(value: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+    bad = [o for o in origins if o != "*" and "://" not in o]
+    if not origins or bad:
+        raise _BadValue(
+            f"invalid CORS origins {value!r} (comma-separated origins such as "
+            "'https://app.example.com', or '*')"
+        )
+    return origins
+
+
+def _body_size(value: str) -> int:
+    size = parse_size(value)
+    if size < 1024:
+        raise _BadValue(f"invalid max body bytes {value!r} (must be at least 1K)")
+    return size
 
 
 def _log_level(value: str) -> str:
@@ -289,6 +309,22 @@ _OPTIONS: tuple[_Option, ...] = (
         "with an error event.",
         "SECONDS",
         "10",
+    ),
+    _Option(
+        "cors_origins",
+        _origins,
+        "Browser origins allowed to call the API (CORS), comma-separated, e.g. "
+        "'https://app.example.com,http://localhost:3000', or '*' for any; CORS is off when unset.",
+        "ORIGINS",
+        "none (CORS off)",
+    ),
+    _Option(
+        "max_body_bytes",
+        _body_size,
+        "Largest request body accepted: bytes, or with a binary suffix such as 512K, 32M; "
+        "larger bodies get 413.",
+        "SIZE",
+        "32MiB",
     ),
 )
 

@@ -174,9 +174,13 @@ class Frontend:
             batch: EmbeddingBatch = await on_executor(
                 lambda loaded, part=part: EmbeddingBatch(loaded.model, part, dimensions=dimensions)
             )
-            while not await on_executor(lambda _, batch=batch: batch.step()):
-                pass
-            result: list[list[float]] = await on_executor(lambda _, batch=batch: batch.result())
+            try:
+                while not await on_executor(lambda _, batch=batch: batch.step()):
+                    pass
+                result: list[list[float]] = await on_executor(lambda _, batch=batch: batch.result())
+            finally:
+                if not batch.closed:  # failed, timed out or cancelled: free it where it lives
+                    submit(Job(lambda _, batch=batch: batch.close(), lambda _r, _e: None))
             for i, vector in zip(rows, result, strict=True):
                 vectors[i] = vector
         return vectors

@@ -12,6 +12,7 @@ import collections
 import logging
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import attrs
 import trio
@@ -35,10 +36,39 @@ log = logging.getLogger(__name__)
 EngineEvent = TokenOut | PrefillProgress | SequenceFinished | SequenceFailed
 
 
+class GenerationMetrics(Protocol):
+    """Where the scheduler and the stream actors report what the engine did (the /metrics
+    counters). Counting here, not in the HTTP layer, means tokens the engine generates for a
+    client that has gone are still counted, and stop being counted once it really stops."""
+
+    def tokens_generated(self, count: int) -> None: ...
+
+    def sequence_finished(self, *, prompt_tokens: int, cached_tokens: int) -> None: ...
+
+    def first_token(self, seconds: float) -> None: ...
+
+    def timed_out(self) -> None: ...
+
+
+class _NoMetrics:
+    def tokens_generated(self, count: int) -> None:
+        pass
+
+    def sequence_finished(self, *, prompt_tokens: int, cached_tokens: int) -> None:
+        pass
+
+    def first_token(self, seconds: float) -> None:
+        pass
+
+    def timed_out(self) -> None:
+        pass
+
+
 @attrs.frozen(kw_only=True)
 class _Submit:
     request: GenerationRequest
     events: trio.MemorySendChannel[EngineEvent]
+    submitted_at: float
 
 
 @attrs.frozen(kw_only=True)
@@ -50,6 +80,8 @@ class _AbortRequest:
 class _Tracked:
     request: GenerationRequest
     events: trio.MemorySendChannel[EngineEvent]
+    submitted_at: float = 0.0
+    got_token: bool = False
 
 
 class Scheduler:
@@ -74,6 +106,7 @@ class Scheduler:
         self.last_batch_size = 0
         self.steps = 0
         self._idle = trio.Event()
+        self.metrics: GenerationMetrics = _NoMetrics()
 
     # -- called from other tasks (same trio thread) ----------------------------------------
 
@@ -94,7 +127,9 @@ class Scheduler:
             )
         send, recv = trio.open_memory_channel[EngineEvent](math.inf)
         self._submitted += 1
-        self._inbox_send.send_nowait(_Submit(request=request, events=send))
+        self._inbox_send.send_nowait(
+            _Submit(request=request, events=send, submitted_at=trio.current_time())
+        )
         return recv
 
     async def wait_idle(self) -> None:
@@ -131,7 +166,7 @@ class Scheduler:
             async for msg in self._inbox_recv:
                 if isinstance(msg, _Submit):
                     self._waiting[msg.request.request_id] = _Tracked(
-                        request=msg.request, events=msg.events
+                        request=msg.request, events=msg.events, submitted_at=msg.submitted_at
                     )
                 elif isinstance(msg, _AbortRequest):
                     self._abort(msg.request_id)
@@ -174,10 +209,20 @@ class Scheduler:
     def _route(self, output: StepOutput) -> None:
         self.steps += 1
         self.last_batch_size = output.batch_size
+        generated = 0
         for event in output.events:
+            if isinstance(event, TokenOut):
+                generated += 1
+            elif isinstance(event, SequenceFinished):
+                self.metrics.sequence_finished(
+                    prompt_tokens=event.prompt_tokens, cached_tokens=event.cached_tokens
+                )
             tracked = self._running.get(event.request_id)
             if tracked is None:
                 continue
+            if isinstance(event, TokenOut) and not tracked.got_token:
+                tracked.got_token = True
+                self.metrics.first_token(trio.current_time() - tracked.submitted_at)
             if isinstance(event, SequenceFinished | SequenceFailed):
                 del self._running[event.request_id]
                 self._done_one()
@@ -188,6 +233,8 @@ class Scheduler:
             elif not _deliver(tracked, event):
                 # The stream actor is gone (client disconnected); stop generating.
                 self._to_executor(Abort(request_id=event.request_id))
+        if generated:
+            self.metrics.tokens_generated(generated)
 
     async def _admit(self) -> None:
         while self._waiting and len(self._running) < self.max_running:

@@ -75,6 +75,7 @@ class RequestStream:
                 with trio.move_on_at(self._deadline) as timer:
                     finished = await self._pump(out)
                 if timer.cancelled_caught:
+                    self._scheduler.metrics.timed_out()
                     out.send_nowait(
                         Failed(
                             message=f"request timed out after {self._timeout:g} s",

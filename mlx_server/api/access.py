@@ -12,6 +12,7 @@ from quart import Quart, Response, request
 
 from ..config import Settings
 from .errors import error_response
+from .metrics import mark_rejected
 
 
 def presented_key() -> str | None:
@@ -81,6 +82,7 @@ def install_access_control(app: Quart, settings: Settings) -> None:
             client = f"key:{key}" if key else f"addr:{request.remote_addr}"
             wait = limiter.take(client)
             if wait > 0:
+                mark_rejected("rate_limit")  # a 429 that is not the queue being full
                 return error_response(
                     f"rate limit of {settings.rate_limit} requests per minute exceeded",
                     status=429,

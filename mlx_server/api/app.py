@@ -8,7 +8,9 @@ from quart_trio import QuartTrio
 from ..config import Settings
 from . import anthropic, completions, embeddings, openai
 from .access import install_access_control
+from .cors import install_cors
 from .errors import install_error_handlers
+from .metrics import install_metrics
 from .state import ServerState, state
 
 
@@ -18,7 +20,7 @@ def create_app(settings: Settings, server_state: ServerState) -> QuartTrio:
     # would cut an SSE stream silently, so it is off.
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["BODY_TIMEOUT"] = 60
-    app.config["MAX_CONTENT_LENGTH"] = 32 * 1024 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes  # larger bodies: 413 JSON
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["mlx_server"] = server_state
@@ -27,6 +29,8 @@ def create_app(settings: Settings, server_state: ServerState) -> QuartTrio:
     app.register_blueprint(completions.bp)
     app.register_blueprint(embeddings.bp)
     install_error_handlers(app)
+    install_metrics(app, server_state)  # /metrics, open like /health
+    install_cors(app, settings.cors_origins)  # before access control: preflights need no key
     install_access_control(app, settings)
 
     @app.get("/health")

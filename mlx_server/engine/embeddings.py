@@ -75,7 +75,7 @@ class EmbeddingBatch:
         self._backbone: Any = backbone
         self._lengths = [len(x) for x in inputs]
         self._longest = max(self._lengths)
-        self._tokens = mx.array(
+        self._tokens: mx.array | None = mx.array(
             [list(x) + [0] * (self._longest - len(x)) for x in inputs], dtype=mx.uint32
         )
         self._dimensions = dimensions
@@ -88,10 +88,20 @@ class EmbeddingBatch:
     def done(self) -> bool:
         return self._offset >= self._longest
 
+    @property
+    def closed(self) -> bool:
+        return self._tokens is None
+
+    def close(self) -> None:
+        """Drop the MLX state (on the executor thread, like every other MLX call)."""
+        self._tokens = self._cache = self._sums = None
+
     def step(self) -> bool:
         """Run the next chunk of positions through the backbone; True once all are done."""
         if self.done:
             return True
+        if self._tokens is None:
+            raise RuntimeError("the batch is closed")
         start, end = self._offset, min(self._offset + self._chunk, self._longest)
         if self._cache is None and end < self._longest:
             from mlx_lm.models.cache import make_prompt_cache  # imported on the executor thread
@@ -120,6 +130,7 @@ class EmbeddingBatch:
         vectors = pooled / norms
         mx.eval(vectors)
         out: list[list[float]] = vectors.tolist()  # type: ignore[assignment]
+        self.close()
         return out
 
 
