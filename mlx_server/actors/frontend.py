@@ -114,17 +114,25 @@ class Frontend:
             return tuple(tok.encode(text))
         return tuple(tok.encode(spec.text or "", add_special_tokens=True))
 
-    def check_length(self, prompt_ids: tuple[int, ...], max_tokens: int) -> int:
-        """Validate the prompt against the context window; return the effective max_tokens."""
+    def check_length(
+        self,
+        prompt_ids: tuple[int, ...],
+        max_tokens: int = 0,
+        *,
+        param: str = "messages",
+        what: str = "the prompt",
+    ) -> int:
+        """Validate a prompt against the context window (a generation needs room for at least
+        one token; an embedding input may fill it); return the effective max_tokens."""
         if not prompt_ids:
-            raise InvalidRequest("the prompt is empty", param="messages")
+            raise InvalidRequest(f"{what} has no tokens", param=param)
         room = self.context_length - len(prompt_ids)
-        if room <= 0:
+        if room < (1 if max_tokens > 0 else 0):
             raise InvalidRequest(
                 f"this model's maximum context length is {self.context_length} tokens; "
-                f"the prompt has {len(prompt_ids)}",
+                f"{what} has {len(prompt_ids)}",
                 code="context_length_exceeded",
-                param="messages",
+                param=param,
             )
         return min(max_tokens, room)
 

@@ -387,15 +387,7 @@ async def completions() -> Response | dict[str, Any]:
 
 async def _prepare(fe: Frontend, spec: PromptSpec, *, echo: bool, want_logprobs: bool) -> Prompt:
     ids = await fe.prompt_ids(spec)
-    if not ids:
-        raise InvalidRequest("the prompt is empty", param="prompt")
-    if len(ids) >= fe.context_length:
-        raise InvalidRequest(
-            f"this model's maximum context length is {fe.context_length} tokens; "
-            f"the prompt has {len(ids)}",
-            param="prompt",
-            code="context_length_exceeded",
-        )
+    fe.check_length(ids, 1, param="prompt")
     if not echo:
         return Prompt(ids=ids)
     text, pieces = await fe.detokenize(ids)

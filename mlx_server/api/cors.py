@@ -1,7 +1,7 @@
 """CORS for browser clients, off unless `--cors-origins` names the allowed origins.
 
 - A preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`) from an allowed
-  origin is answered here with 204 and the `Access-Control-Allow-*` headers, before access
+  origin is answered here (200, empty) with the `Access-Control-Allow-*` headers, before access
   control, so it needs no API key (browsers never send credentials on a preflight).
 - The allowed origin may send any request header it asks for: the OpenAI and Anthropic SDKs send
   several of their own (`x-stainless-*`, `anthropic-dangerous-direct-browser-access`, ...) besides
@@ -42,7 +42,7 @@ class CorsPolicy:
         return origin if origin.rstrip("/").lower() in self.origins else None
 
     def preflight(self, allowed: str, requested_headers: str | None) -> Response:
-        response = Response("", status=204)
+        response = Response("", status=200, content_type="text/plain")
         h = response.headers
         h["Access-Control-Allow-Origin"] = allowed
         h["Access-Control-Allow-Methods"] = ALLOWED_METHODS

@@ -99,15 +99,7 @@ async def embeddings() -> Response | dict[str, Any]:
                     f"'input[{i}]': token id {bad[0]} is out of range [0, {vocab})", param="input"
                 )
         ids = await fe.prompt_ids(spec)
-        if not ids:
-            raise InvalidRequest(f"'input[{i}]' has no tokens", param="input")
-        if len(ids) > fe.context_length:
-            raise InvalidRequest(
-                f"this model's maximum context length is {fe.context_length} tokens; "
-                f"input[{i}] has {len(ids)}",
-                param="input",
-                code="context_length_exceeded",
-            )
+        fe.check_length(ids, param="input", what=f"'input[{i}]'")
         inputs.append(ids)
 
     vectors = await fe.embed(inputs, dimensions=dimensions)

@@ -1,0 +1,141 @@
+"""Subprocess entry points for `bench.load`, each in a fresh interpreter so the BLAS choice is
+made before MLX is first imported (a BLAS preloaded after `import mlx` changes nothing).
+
+    python -m bench.workers raw --model DIR --variant shipped|fp32 --plan PLAN.json
+        mlx-lm's own generation (`generate_step`), no HTTP: the ceiling. `shipped` loads the
+        weights as stored with MLX's bundled BLAS; `fp32` preloads the system OpenBLAS and runs
+        float32 weights, as our server does on the CPU. Prints one JSON line.
+    python -m bench.workers mlx-lm-server --blas openblas -- ARGS...
+        `mlx_lm.server` with the system OpenBLAS preloaded (to serve float32 weights on the same
+        footing as our server).
+    python -m bench.workers fp32-dir SRC DST
+        Write a float32 copy of an MLX model directory (dequantized); prints "same" when SRC is
+        float32 already and nothing was written.
+
+Nothing at module level imports MLX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _preload_openblas() -> str:
+    from mlx_server.engine.cpu import preload_blas
+
+    path = preload_blas({"MLX_SERVER_BLAS": "auto"})
+    if path is None:
+        raise SystemExit("no system OpenBLAS found (or MLX already imported)")
+    return path
+
+
+def raw(model_dir: str, variant: str, plan_path: str) -> dict[str, Any]:
+    """Run each planned request through `generate_step`, greedy, EOS never stops it (the loop
+    ignores it), and time every token as it is yielded."""
+    blas = _preload_openblas() if variant == "fp32" else "MLX bundled"
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    model, tokenizer = load(model_dir)
+    weights = "as stored"
+    if variant == "fp32":
+        from mlx_server.engine.cpu import prepare_for_device
+
+        weights = prepare_for_device(model, "always")
+
+    def greedy(logprobs: mx.array) -> mx.array:
+        return mx.argmax(logprobs, axis=-1)
+
+    plan = json.loads(Path(plan_path).read_text())
+    results = []
+    for request in plan["requests"]:
+        ids = tokenizer.apply_chat_template(request["messages"], add_generation_prompt=True)
+        arrivals: list[float] = []
+        start = time.perf_counter()
+        for _token, _ in generate_step(
+            mx.array(ids), model, max_tokens=request["max_tokens"], sampler=greedy
+        ):
+            arrivals.append(time.perf_counter() - start)
+        results.append(
+            {
+                "workload": request["workload"],
+                "measure": request.get("measure", True),
+                "prompt_tokens": len(ids),
+                "arrivals": arrivals,
+                "completion_tokens": len(arrivals),
+            }
+        )
+    return {"blas": blas, "weights": weights, "results": results}
+
+
+def fp32_dir(src: Path, dst: Path) -> str:
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    from mlx_server.engine.cpu import prepare_for_device
+
+    model, _ = load(str(src))
+    params = tree_flatten(model.parameters())
+    quantized = any(
+        isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding) for _, m in model.named_modules()
+    )
+    if not quantized and all(p.dtype == mx.float32 for _, p in params):  # type: ignore[union-attr]
+        return "same"
+    prepare_for_device(model, "always")
+    dst.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "mlx"})  # type: ignore[arg-type]
+    config = json.loads((src / "config.json").read_text())
+    for key in ("quantization", "quantization_config"):
+        config.pop(key, None)
+    config["torch_dtype"] = "float32"
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
+    return str(dst)
+
+
+def mlx_lm_server(blas: str, argv: list[str]) -> None:
+    if blas == "openblas":
+        _preload_openblas()
+    from mlx_lm.server import main as server_main
+
+    sys.argv = ["mlx_lm.server", *argv]
+    server_main()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.workers")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_raw = sub.add_parser("raw")
+    p_raw.add_argument("--model", required=True)
+    p_raw.add_argument("--variant", choices=("shipped", "fp32"), required=True)
+    p_raw.add_argument("--plan", required=True)
+    p_fp32 = sub.add_parser("fp32-dir")
+    p_fp32.add_argument("src", type=Path)
+    p_fp32.add_argument("dst", type=Path)
+    p_srv = sub.add_parser("mlx-lm-server")
+    p_srv.add_argument("--blas", choices=("openblas", "bundled"), default="openblas")
+    p_srv.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.cmd == "raw":
+        print(json.dumps(raw(args.model, args.variant, args.plan)), flush=True)
+    elif args.cmd == "fp32-dir":
+        print(fp32_dir(args.src, args.dst), flush=True)
+    else:
+        rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+        mlx_lm_server(args.blas, rest)
+
+
+if __name__ == "__main__":
+    main()
