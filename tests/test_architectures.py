@@ -8,7 +8,7 @@ model is built with mlx-lm's classes and saved in the Hugging Face layout. Then:
   requests that join and leave one batch at different steps (small prefill chunks, so prompts
   are read while other rows decode; different token limits; one abort; a late arrival);
 - the real server gives mlx-lm's text for one chat request alone and for 4 concurrent ones;
-- sharded, bfloat16 and per-layer quantized directories load and match mlx-lm too.
+- sharded, bfloat16, float16 and per-layer quantized directories load and match mlx-lm too.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache
 
 from mlx_server.engine.batch import BatchEngine
-from mlx_server.engine.model import SUPPORTED_MODEL_TYPES, load
+from mlx_server.engine.model import SUPPORTED_MODEL_TYPES, LoadedModel, load
 from mlx_server.errors import ModelLoadError
 from mlx_server.messages import Admit, GenerationRequest, SamplingParams, TokenOut
 from mlx_server.testing.server import ServerProcess, run_server
@@ -138,8 +138,9 @@ def drive(
     return Run(tokens=dict(tokens), widest=widest)
 
 
-def engine_for(model_dir: Path, prefill_chunk: int = 16) -> BatchEngine:
-    loaded = load(str(model_dir))
+def engine_for(loaded: LoadedModel, prefill_chunk: int = 16) -> BatchEngine:
+    """Chunks small enough that prompts (~30-45 tokens) are read over several steps while
+    other rows decode."""
     return BatchEngine(
         loaded.model,
         eos_token_ids=[],
@@ -206,19 +207,8 @@ def server(
 
 
 def test_every_supported_type_has_a_tiny_model() -> None:
-    assert set(SUPPORTED_MODEL_TYPES) == set(ARCHS) <= set(TINY_ARGS)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_tiny_model_is_what_it_claims(arch: str, model_dirs: dict[str, Path]) -> None:
-    config = json.loads((model_dirs[arch] / "config.json").read_text())
-    assert config["model_type"] == arch
-    caches = make_prompt_cache(load(str(model_dirs[arch])).model)
-    if arch == "qwen3_next":
-        # The hybrid really mixes recurrent state (linear attention) and KV caches.
-        assert [type(c) for c in caches] == [ArraysCache, KVCache] * 2
-    else:
-        assert all(type(c) is KVCache for c in caches)
+    assert set(ARCHS) == set(SUPPORTED_MODEL_TYPES)
+    assert set(ARCHS) <= set(TINY_ARGS)
 
 
 @pytest.mark.usefixtures("servers")  # they boot in the background meanwhile
@@ -230,9 +220,16 @@ def test_engine_equals_mlx_lm(
     for toks in ref.tokens:  # a degenerate model (one token forever) would prove little
         assert len(set(toks)) > 4, f"{arch}: reference output is degenerate: {toks}"
     loaded = load(str(model_dirs[arch]))
+    assert loaded.config["model_type"] == arch
+    caches = make_prompt_cache(loaded.model)
+    if arch == "qwen3_next":
+        # The hybrid really mixes recurrent state (linear attention) and KV caches.
+        assert [type(c) for c in caches] == [ArraysCache, KVCache] * 2
+    else:
+        assert all(type(c) is KVCache for c in caches)
     ours = tuple(tuple(loaded.tokenizer.encode(loaded.template.render(chat(t)))) for t in TOPICS)
     assert ours == ref.prompts
-    engine = engine_for(model_dirs[arch])
+    engine = engine_for(loaded)
 
     alone = drive(engine, [greedy("alone", ref.prompts[0], N_TOKENS)])
     assert alone.tokens["alone"] == list(ref.tokens[0])
@@ -294,6 +291,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sharded": {"shards": 2},
     "bf16": {"dtype": mx.bfloat16},
     "q8-q4-per-layer": {"bits": 4, "layer_bits": alternating_bits},
+    "fp16": {"dtype": mx.float16},  # (quantized with fp16 scales is very slow on the CPU)
     "sharded-bf16-per-layer": {
         "shards": 2,
         "dtype": mx.bfloat16,
@@ -310,6 +308,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         ("llama", "bf16"),
         ("llama", "q8-q4-per-layer"),
         ("qwen3", "sharded-bf16-per-layer"),
+        ("mistral", "fp16"),
         ("qwen3_next", "sharded-bf16-per-layer"),
     ],
 )
@@ -326,10 +325,12 @@ def test_variant_equals_mlx_lm(arch: str, variant: str, tmp_path: Path) -> None:
         assert files == ["model.safetensors"]
 
     ref = mlx_lm_reference(path, n=12)
-    engine = engine_for(path)
+    engine = engine_for(load(str(path)))
     model: Any = engine.model
     if "dtype" in kwargs:
-        assert model.model.norm.weight.dtype == mx.bfloat16
+        assert model.model.norm.weight.dtype == kwargs["dtype"]
+    if "bits" in kwargs:
+        assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
     if "layer_bits" in kwargs:
         quant = json.loads((path / "config.json").read_text())["quantization"]
         assert quant["bits"] == 4
@@ -337,7 +338,6 @@ def test_variant_equals_mlx_lm(arch: str, variant: str, tmp_path: Path) -> None:
         # The loaded layers carry the per-layer widths of config.json.
         assert quantized_bits(model, "model.layers.0.") == {8}
         assert 4 in quantized_bits(model, "model.layers.1.")
-        assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
     run = drive(engine, [greedy(str(i), p, 12) for i, p in enumerate(ref.prompts)])
     for i in range(len(TOPICS)):
         assert run.tokens[str(i)] == list(ref.tokens[i]), f"{arch} {variant}: request {i}"

@@ -216,9 +216,9 @@ class BatchEngine:
         else:
             mx.eval(tokens_arr)
         tokens: list[int] = tokens_arr.tolist()  # type: ignore[assignment]
-        chosen_l = chosen.tolist() if chosen is not None else None
-        top_ids_l = top_ids.tolist() if top_ids is not None else None
-        top_vals_l = top_vals.tolist() if top_vals is not None else None
+        chosen_l: list[list[float]] = chosen.tolist() if chosen is not None else []  # type: ignore[assignment]
+        top_ids_l: list[list[int]] = top_ids.tolist() if top_ids is not None else []  # type: ignore[assignment]
+        top_vals_l: list[list[float]] = top_vals.tolist() if top_vals is not None else []  # type: ignore[assignment]
         row_of = {i: j for j, i in enumerate(want)}
         for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             seq.generated.append(token)
@@ -227,15 +227,14 @@ class BatchEngine:
                 continue  # EOS/stop tokens end the text; they are counted, not shown
             logprob = None
             tops: tuple[TopLogprob, ...] = ()
-            if i in row_of:
-                j = row_of[i]
-                assert chosen_l is not None
-                logprob = float(chosen_l[j][0])  # type: ignore[index]
+            j = row_of.get(i)
+            if j is not None:
+                logprob = chosen_l[j][0]
                 k = seq.request.sampling.top_logprobs
-                if k and top_ids_l is not None and top_vals_l is not None:
+                if k and top_ids_l:
                     tops = tuple(
-                        TopLogprob(token_id=int(t), logprob=float(v))
-                        for t, v in zip(top_ids_l[j][:k], top_vals_l[j][:k], strict=True)  # type: ignore[index]
+                        TopLogprob(token_id=t, logprob=v)
+                        for t, v in zip(top_ids_l[j][:k], top_vals_l[j][:k], strict=True)
                     )
             events.append(
                 TokenOut(request_id=seq.rid, token_id=token, logprob=logprob, top_logprobs=tops)

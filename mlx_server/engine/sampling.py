@@ -87,11 +87,15 @@ def filter_logits(logits: mx.array, params: SamplingParams) -> mx.array:
 
 
 def sample_batch(logits: mx.array, samplers: list[RowSampler]) -> tuple[mx.array, mx.array]:
-    """Choose one token per row. Returns (tokens (B,), logprobs (B, V)) as lazy arrays.
+    """Choose one token per row. Returns (tokens (B,), logprobs (B, V)) as lazy arrays; in the
+    all-greedy case without logprobs the second array is the raw logits.
 
     logprobs are of the processed (biased, penalised) but unfiltered distribution, which is
     what OpenAI reports."""
     logits = logits.astype(mx.float32)
+    if not any(s.needs_processing or not s.params.greedy or s.params.logprobs for s in samplers):
+        # The common all-greedy case: no normalisation needed to take the argmax.
+        return mx.argmax(logits, axis=-1).astype(mx.uint32), logits
     if any(s.needs_processing for s in samplers):
         rows = [
             s.process(logits[i]) if s.needs_processing else logits[i]

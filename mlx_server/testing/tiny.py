@@ -119,7 +119,7 @@ def build_tiny_model(
     `dtype` casts the weights (e.g. `mx.bfloat16`); `bits` quantizes every quantizable layer,
     with `layer_bits` overriding it per layer (recorded per layer in config.json); `shards` > 1
     splits the weights over that many files with an index."""
-    from mlx_lm.utils import _get_classes  # type: ignore[attr-defined]
+    from mlx_lm.utils import _get_classes  # resolves mistral to its llama classes
 
     tokenizer = default_tokenizer()
     config: dict[str, Any] = {
