@@ -13,7 +13,7 @@ import httpx
 import mlx.core as mx
 import mlx_lm
 import pytest
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import quantize_model
 
@@ -180,4 +180,26 @@ def test_corrupt_files_fail_clearly(tmp_path: Path) -> None:
 
     (tmp_path / "m" / "config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="not valid JSON"):
+        load(str(tmp_path / "m"))
+
+
+def test_memory_estimate_from_headers_and_refusal(tmp_path: Path) -> None:
+    from mlx_server.engine.memory import check_fits, weights_bytes
+
+    model, _ = build_tiny_model(tmp_path / "m")
+    expected = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+    assert weights_bytes(tmp_path / "m") == expected
+    check_fits(expected, "m", available=expected * 2)
+    with pytest.raises(ModelLoadError, match=r"needs about .* GiB .* only .* GiB is available"):
+        check_fits(expected, "m", available=expected)
+    # A header claiming more than the machine has is refused before any weight is read.
+    import struct
+
+    header = json.dumps(
+        {"w": {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 0]}}
+    )
+    (tmp_path / "m" / "model.safetensors").write_bytes(
+        struct.pack("<Q", len(header)) + header.encode()
+    )
+    with pytest.raises(ModelLoadError, match=r"only .* GiB is available"):
         load(str(tmp_path / "m"))

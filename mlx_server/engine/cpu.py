@@ -8,7 +8,8 @@ matmul is slower still. Two changes make prompt processing an order of magnitude
    `MLX_SERVER_BLAS=/path/to/libopenblas.so.0` picks a library.
 2. Run the model in float32 (`prepare_for_device`): quantized layers are dequantized and half
    precision weights cast, because the fast BLAS is fp32 and CPU half-precision math is slow.
-   Only when the fp32 weights fit a memory budget; `--cpu-dequantize` overrides the choice.
+   Only when the fp32 weights fit a budget (8 GiB, and half the available memory);
+   `--cpu-dequantize` overrides the choice.
 
 On Metal or CUDA nothing here changes anything.
 """
@@ -96,8 +97,13 @@ def prepare_for_device(model: object, policy: Policy) -> str:
             continue
         elements = p.size * (32 // _bits_of(model, name)) if p.dtype == mx.uint32 else p.size
         fp32_bytes += elements * 4
-    if policy == "auto" and fp32_bytes > FP32_BUDGET_BYTES:
-        return f"weights as stored (float32 would need {fp32_bytes / 2**30:.1f} GiB)"
+    if policy == "auto":
+        from .memory import available_bytes
+
+        avail = available_bytes()
+        budget = FP32_BUDGET_BYTES if avail is None else min(FP32_BUDGET_BYTES, avail // 2)
+        if fp32_bytes > budget:
+            return f"weights as stored (float32 would need {fp32_bytes / 2**30:.1f} GiB)"
     if any(
         isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding) for _, m in model.named_modules()
     ):

@@ -19,6 +19,7 @@ import mlx.nn as nn
 from ..errors import ModelLoadError
 from .chat_template import ChatTemplate
 from .cpu import Policy, prepare_for_device
+from .memory import check_fits, weights_bytes
 from .tokenizer import Tokenizer, load_hf_tokenizer
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,7 @@ def _load_mlx_dir(model_dir: Path, name: str, *, source: str) -> LoadedModel:
     if not list(model_dir.glob("*.safetensors")):
         raise ModelLoadError(f"{model_dir}: no .safetensors weight files")
     tokenizer = load_hf_tokenizer(model_dir, config)
+    check_fits(weights_bytes(model_dir), str(model_dir))
     try:
         model, config = load_model(model_dir)
     except Exception as exc:  # mlx_lm raises ValueError/RuntimeError/OSError on bad weights
