@@ -27,6 +27,12 @@ def convert(gguf_path: Path, out_dir: Path, *, force: bool = False) -> Path:
             raise MlxServerError(f"{out_dir} exists and is not empty (use --force to replace it)")
         shutil.rmtree(out_dir)
     model, tokenizer, config = load_gguf(gguf_path)
+    if any(type(m).__name__ == "_FreqFactorRoPE" for _, m in model.named_modules()):
+        # Its per-dimension RoPE factors are not parameters and mlx-lm's config cannot name them.
+        raise MlxServerError(
+            f"{gguf_path}: GGUF files with rope_freqs (Llama 3.1 style rope scaling) "
+            "cannot be converted yet; serve the GGUF directly instead"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})

@@ -346,19 +346,36 @@ def test_tiny_gguf_logits_match(tmp_path: Path, model_type: str, tied: bool) -> 
 def test_tiny_gguf_llama3_rope_freqs(tmp_path: Path) -> None:
     """A `rope_freqs.weight` tensor (Llama 3.1 style) reproduces mlx_lm's llama3 RoPE."""
     path = tmp_path / "tiny.gguf"
+    # head_dim 16 and base 1e4 give wavelengths of 6.3 to 2e4 positions: an original context of
+    # 64 puts them in all three llama3 bands (kept, smoothed, scaled by 8), so the factors differ
+    # per dimension and their order matters.
     scaling = {
         "rope_type": "llama3",
         "factor": 8.0,
         "low_freq_factor": 1.0,
         "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 4,
+        "original_max_position_embeddings": 64,
     }
     source = write_tiny_gguf(path, tied=True, rope_scaling=scaling)
-    factors = mx.load(str(path))["rope_freqs.weight"]
-    assert not mx.allclose(factors, mx.ones_like(factors)).item()  # the scaling does something
+    factors = mx.load(str(path))["rope_freqs.weight"].tolist()
+    assert factors[0] == 1.0 and 1.0 < factors[1] < 8.0 and factors[-1] == 8.0, factors
     model, _, _ = load_gguf(path)
-    ids = mx.array([list(range(40, 72))])
-    assert mx.allclose(model(ids), source(ids), atol=1e-4).item()
+
+    ids = mx.array([list(range(40, 104))])
+    expected = source(ids)
+    got = model(ids)
+    diff = mx.abs(got - expected).max(axis=-1)[0]
+    assert diff.max().item() < 1e-4, f"max |logit diff| by position: {diff.round(5).tolist()}"
+
+    # Through a prompt cache too (rope offsets).
+    cache = make_prompt_cache(model)
+    model(ids[:, :40], cache=cache)
+    assert mx.allclose(model(ids[:, 40:], cache=cache), expected[:, 40:], atol=1e-4).item()
+
+    # The factors do show at these positions: a plain RoPE (rope_freqs.weight ignored) is far off.
+    for layer in model.model.layers:
+        layer.self_attn.rope = nn.RoPE(TINY["head_dim"], base=TINY["rope_theta"])
+    assert not mx.allclose(model(ids), expected, atol=1e-2).item()
 
 
 def test_warns_when_mlx_dequantized(caplog: pytest.LogCaptureFixture) -> None:
@@ -448,4 +465,14 @@ def test_unsupported_tokenizer(tmp_path: Path) -> None:
     path = tmp_path / "spm.gguf"
     write_tiny_gguf(path, tied=True, tokenizer_model="llama")
     with pytest.raises(ModelLoadError, match=r"tokenizer model 'llama'.*gpt2"):
+        load_gguf(path)
+
+
+def test_rope_freqs_of_the_wrong_length(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, tied=True)
+    arrays, metadata = mx.load(str(path), return_metadata=True)
+    arrays["rope_freqs.weight"] = mx.ones((TINY["head_dim"],))  # should be head_dim / 2
+    mx.save_gguf(str(path), arrays, metadata)
+    with pytest.raises(ModelLoadError, match=r"rope_freqs.weight has shape \(16,\), expected"):
         load_gguf(path)

@@ -548,6 +548,11 @@ def _build_model(
 
     freq_factors = arrays.get("rope_freqs.weight")
     if freq_factors is not None:
+        if freq_factors.shape != (config["head_dim"] // 2,):
+            raise ModelLoadError(
+                f"{source}: rope_freqs.weight has shape {tuple(freq_factors.shape)}, "
+                f"expected ({config['head_dim'] // 2},)"
+            )
         rope = _FreqFactorRoPE(config["head_dim"], config["rope_theta"], freq_factors)
         for layer in model.model.layers:  # type: ignore[attr-defined]
             layer.self_attn.rope = rope
