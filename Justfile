@@ -25,6 +25,6 @@ fmt:
 typecheck:
     uv run pyright
 
-# Benchmarks: decode tokens/s through HTTP vs mlx-lm, and aggregate with concurrent streams
+# Benchmarks: our server vs mlx_lm.server vs mlx-lm without HTTP (try: just bench --tiny --quick)
 bench *ARGS:
-    uv run python -m bench.throughput {{ARGS}}
+    uv run python -m bench.load {{ARGS}}

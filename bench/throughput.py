@@ -1,6 +1,8 @@
 """Decode throughput: mlx-lm's own generation (no HTTP) vs one stream through our server, and
 the aggregate of N concurrent streams. Everything runs on this machine in this run, so the
 ratios are meaningful even on a noisy shared host.
+For the full comparison (mlx_lm.server too, several workloads, the target ratios) see
+`bench/load.py` (`uv run just bench`).
 
     uv run python -m bench.throughput                       # default model, 48 tokens, 8 streams
     uv run python -m bench.throughput --model PATH --tokens 128 --streams 8

@@ -36,8 +36,10 @@ def _preload_openblas() -> str:
 
 
 def raw(model_dir: str, variant: str, plan_path: str) -> dict[str, Any]:
-    """Run each planned request through `generate_step`, greedy, EOS never stops it (the loop
-    ignores it), and time every token as it is yielded."""
+    """Load the model, print READY, wait for a line on stdin (so that loading can overlap other
+    systems' start-up while measuring never does), then run each planned request through
+    `generate_step`, greedy, EOS never stops it (the loop ignores it), timing every token as it
+    is yielded."""
     blas = _preload_openblas() if variant == "fp32" else "MLX bundled"
     import mlx.core as mx
     from mlx_lm import load
@@ -54,6 +56,8 @@ def raw(model_dir: str, variant: str, plan_path: str) -> dict[str, Any]:
         return mx.argmax(logprobs, axis=-1)
 
     plan = json.loads(Path(plan_path).read_text())
+    print("READY", flush=True)
+    sys.stdin.readline()
     results = []
     for request in plan["requests"]:
         ids = tokenizer.apply_chat_template(request["messages"], add_generation_prompt=True)
@@ -62,11 +66,11 @@ def raw(model_dir: str, variant: str, plan_path: str) -> dict[str, Any]:
         for _token, _ in generate_step(
             mx.array(ids), model, max_tokens=request["max_tokens"], sampler=greedy
         ):
-            arrivals.append(time.perf_counter() - start)
+            arrivals.append(time.perf_counter())
         results.append(
             {
                 "workload": request["workload"],
-                "measure": request.get("measure", True),
+                "start": start,
                 "prompt_tokens": len(ids),
                 "arrivals": arrivals,
                 "completion_tokens": len(arrivals),

@@ -50,6 +50,7 @@ class Settings:
     model_aliases: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 32 << 20
+    record_trace: str | None = None
 
 
 class _BadValue(ValueError):
@@ -178,6 +179,14 @@ def _text(what: str) -> Callable[[str], str]:
         if not value.strip():
             raise _BadValue(f"invalid {what} {value!r} (must not be empty)")
         return value
+
+    return convert
+
+
+def _path(what: str) -> Callable[[str], str]:
+    def convert(value: str) -> str:
+        value = _text(what)(value).strip()
+        return os.path.expanduser(value) if value.startswith("~") else value
 
     return convert
 
@@ -325,6 +334,14 @@ _OPTIONS: tuple[_Option, ...] = (
         "larger bodies get 413.",
         "SIZE",
         "32MiB",
+    ),
+    _Option(
+        "record_trace",
+        _path("trace file"),
+        "Append one JSON line per API request to FILE: the request (secrets redacted), its "
+        "arrival time and its outcome, for `python -m mlx_server.replay`.",
+        "FILE",
+        "none (not recording)",
     ),
 )
 

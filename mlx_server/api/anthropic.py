@@ -45,7 +45,7 @@ from ..messages import (
     TextDelta,
     Usage,
 )
-from . import sse
+from . import outcome, sse
 from .errors import anthropic_error, anthropic_error_body
 from .params import Fields, json_body
 from .state import frontend
@@ -63,9 +63,10 @@ _DROPPED_BLOCKS = ("thinking", "redacted_thinking")
 
 @bp.after_request
 async def _request_id(response: Response) -> Response:
-    """Anthropic answers every request with a `request-id` header; the SDK exposes it."""
+    """Anthropic answers every request with a `request-id` header; the SDK exposes it. It is
+    the same id as `x-request-id` and the access log's."""
     if "request-id" not in response.headers:
-        response.headers["request-id"] = f"req_{uuid.uuid4().hex}"
+        response.headers["request-id"] = outcome.current().request_id
     return response
 
 
@@ -372,8 +373,9 @@ async def create_message() -> Response | dict[str, Any]:
 
 async def _complete_message(fe: Frontend, request: GenerationRequest) -> Response | dict[str, Any]:
     texts: list[str] = []
+    watch = outcome.current()
     with fe.start_stream(request) as events:
-        async for ev in events:
+        async for ev in watch.observe(events, prompt_tokens=len(request.prompt_ids)):
             if isinstance(ev, TextDelta):
                 texts.append(ev.text)
             elif isinstance(ev, Failed):
@@ -387,8 +389,8 @@ async def _complete_message(fe: Frontend, request: GenerationRequest) -> Respons
 async def _stream_message(fe: Frontend, request: GenerationRequest) -> Response:
     # Submit now so that a full queue is an HTTP error before any byte is sent.
     handle = fe.start_stream(request)
-    events = handle.events
     input_tokens = len(request.prompt_ids)
+    events = outcome.current().observe(handle.events, prompt_tokens=input_tokens)
 
     def event(kind: str, **fields: Any) -> bytes:
         return sse.event(kind, {"type": kind, **fields})

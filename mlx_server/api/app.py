@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from quart import Response
+from quart import Quart, Response, request
 from quart_trio import QuartTrio
 
 from ..config import Settings
-from . import anthropic, completions, embeddings, openai
+from ..replay.record import TraceRecorder
+from . import anthropic, completions, embeddings, openai, openapi_doc
 from .access import install_access_control
 from .cors import install_cors
 from .errors import install_error_handlers
 from .metrics import install_metrics
+from .outcome import install_outcomes
 from .state import ServerState, state
 
 
@@ -24,14 +26,20 @@ def create_app(settings: Settings, server_state: ServerState) -> QuartTrio:
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["mlx_server"] = server_state
+    # First: every request gets its id and outcome (access log, --record-trace) before any other
+    # hook may answer it.
+    recorder = TraceRecorder(settings.record_trace) if settings.record_trace else None
+    install_outcomes(app, recorder)
     app.register_blueprint(openai.bp)
     app.register_blueprint(anthropic.bp)
     app.register_blueprint(completions.bp)
     app.register_blueprint(embeddings.bp)
     install_error_handlers(app)
     install_metrics(app, server_state)  # /metrics, open like /health
+    openapi_doc.install_openapi(app, settings)  # /openapi.json, open like /health
     install_cors(app, settings.cors_origins)  # before access control: preflights need no key
     install_access_control(app, settings)
+    _close_after_unread_bodies(app)
 
     @app.get("/health")
     async def health() -> Response | tuple[dict[str, object], int]:
@@ -44,3 +52,21 @@ def create_app(settings: Settings, server_state: ServerState) -> QuartTrio:
         return body, (200 if st.status == "ok" else 503)
 
     return app
+
+
+def _close_after_unread_bodies(app: Quart) -> None:
+    """An error answered before the request body was read (413, 401, 429, ...) ends the
+    connection with `Connection: close`.
+
+    Hypercorn closes such a connection itself, but from inside the app's cancel scope, which
+    quart-trio cancels as soon as the response is sent: the close is cancelled half-way, the
+    connection stays open with unread body bytes, and the client's next request on it hangs
+    forever. With `Connection: close` the client opens a new connection instead."""
+
+    @app.after_request
+    async def _close(response: Response) -> Response:
+        chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
+        has_body = bool(request.content_length) or chunked
+        if response.status_code >= 400 and has_body and request.http_version in ("1.0", "1.1"):
+            response.headers["Connection"] = "close"
+        return response

@@ -40,7 +40,7 @@ from ..messages import (
     TokenLogprob,
     Usage,
 )
-from . import sse
+from . import outcome, sse
 from .errors import openai_error, openai_error_body
 from .openai import SYSTEM_FINGERPRINT, parse_sampling, usage_json
 from .params import Fields, json_body
@@ -372,17 +372,28 @@ async def completions() -> Response | dict[str, Any]:
         want_logprobs=logprobs is not None,
         include_usage=stream and include_usage,
     )
+    watch = outcome.current()
+    prompt_tokens = sum(len(p.ids) for p in prompts)
+    echoed = [c.prompt.echo_text for c in render.choices] if echo else []
+
+    def observed(
+        events: AsyncIterator[tuple[int, StreamEvent]],
+    ) -> AsyncIterator[tuple[int, StreamEvent]]:
+        return watch.observe(
+            events, prompt_tokens=prompt_tokens, choices_per_prompt=n, prefixes=echoed
+        )
+
     if max_tokens == 0:
-        events = _nothing_to_generate(requests)
+        events = observed(_nothing_to_generate(requests))
         if stream:
             return Response(render.stream(events), status=200, headers=sse.SSE_HEADERS)
         return await render.complete(events)
     handle = fe.start_streams(requests)  # a full queue is a 429 before any byte is sent
     if stream:
-        chunks = sse.ClosingBody(render.stream(handle.events), handle.close)
+        chunks = sse.ClosingBody(render.stream(observed(handle.events)), handle.close)
         return Response(chunks, status=200, headers=sse.SSE_HEADERS)
     with handle as tagged:
-        return await render.complete(tagged)
+        return await render.complete(observed(tagged))
 
 
 async def _prepare(fe: Frontend, spec: PromptSpec, *, echo: bool, want_logprobs: bool) -> Prompt:

@@ -23,7 +23,7 @@ from quart import Quart, Response, request
 
 ALLOWED_METHODS = "GET, POST, OPTIONS"
 DEFAULT_HEADERS = "Authorization, Content-Type, x-api-key, anthropic-version, anthropic-beta"
-EXPOSED_HEADERS = "Retry-After, request-id"
+EXPOSED_HEADERS = "Retry-After, request-id, x-request-id"
 MAX_AGE_SECONDS = 600
 
 

@@ -17,6 +17,7 @@ from quart import Blueprint, Response
 
 from ..errors import InvalidRequest
 from ..messages import PromptSpec
+from . import outcome
 from .params import Fields, json_body
 from .state import frontend
 
@@ -104,6 +105,7 @@ async def embeddings() -> Response | dict[str, Any]:
 
     vectors = await fe.embed(inputs, dimensions=dimensions)
     total = sum(len(ids) for ids in inputs)
+    outcome.current().prompt_tokens = total
     return {
         "object": "list",
         "data": [

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
-import trio
 from quart import Blueprint, Response
 
 from ..errors import InvalidRequest
@@ -25,7 +24,7 @@ from ..messages import (
     TokenLogprob,
     Usage,
 )
-from . import sse
+from . import outcome, sse
 from .errors import openai_error, openai_error_body
 from .params import Fields, json_body
 from .state import frontend
@@ -77,7 +76,7 @@ def parse_chat_messages(raw: Any) -> tuple[ChatMessage, ...]:
         if not isinstance(m, dict):
             raise InvalidRequest(f"'{where}' must be an object", param=where)
         role = m.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:  # a dict/list is unhashable
             raise InvalidRequest(
                 f"'{where}.role' must be one of {sorted(_ROLES)}, got {role!r}",
                 param=f"{where}.role",
@@ -240,12 +239,15 @@ async def chat_completions() -> Response | dict[str, Any]:
         want_logprobs=want_logprobs,
     )
     requests = choice_requests(base, n)
+    watch = outcome.current()
     if stream:
         handle = fe.start_streams(requests)  # a full queue is a 429 before any byte is sent
-        body = render.stream(handle.events)
+        events = watch.observe(handle.events, prompt_tokens=len(prompt_ids), choices_per_prompt=n)
+        body = render.stream(events)
         return Response(sse.ClosingBody(body, handle.close), status=200, headers=sse.SSE_HEADERS)
     with fe.start_streams(requests) as events:
-        return await render.complete(events)
+        watched = watch.observe(events, prompt_tokens=len(prompt_ids), choices_per_prompt=n)
+        return await render.complete(watched)
 
 
 MAX_N = 16
@@ -290,7 +292,7 @@ class ChatRender:
         }
 
     async def complete(
-        self, events: trio.MemoryReceiveChannel[tuple[int, StreamEvent]]
+        self, events: AsyncIterator[tuple[int, StreamEvent]]
     ) -> Response | dict[str, Any]:
         texts: list[list[str]] = [[] for _ in range(self.n)]
         logprobs: list[list[dict[str, Any]]] = [[] for _ in range(self.n)]
@@ -344,9 +346,7 @@ class ChatRender:
             obj["usage"] = None
         return sse.data(obj)
 
-    async def stream(
-        self, events: trio.MemoryReceiveChannel[tuple[int, StreamEvent]]
-    ) -> AsyncIterator[bytes]:
+    async def stream(self, events: AsyncIterator[tuple[int, StreamEvent]]) -> AsyncIterator[bytes]:
         for i in range(self.n):
             yield self._chunk(i, {"role": "assistant", "content": ""})
         finished: dict[int, Finished] = {}
