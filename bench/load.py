@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import trio
@@ -325,23 +325,48 @@ def _ms(x: float | None) -> float | None:
     return None if x is None else x * 1000
 
 
-# --- HTTP workloads --------------------------------------------------------------------------
+# --- systems ---------------------------------------------------------------------------------
+
+Result = tuple[list[Sample], str]
+"""One workload round on one system: its samples and a note (empty, or why it fell short)."""
 
 
-@dataclass
-class Target:
-    base_url: str
-    extra: dict[str, Any]  # model name and the EOS override this server understands
+class HttpSystem:
+    """A server speaking the OpenAI chat API; each workload round is its own `trio.run`."""
 
+    def __init__(
+        self, name: str, base_url: str, extra: dict[str, Any], plan: Plan, args: argparse.Namespace
+    ) -> None:
+        self.name, self.base_url, self.extra, self.plan, self.args = (
+            name,
+            base_url,
+            extra,
+            plan,
+            args,
+        )
 
-class HttpRunner:
-    def __init__(self, system: str, target: Target, plan: Plan, args: argparse.Namespace):
-        self.system, self.target, self.plan, self.args = system, target, plan, args
-        self.rows: list[Row] = []
+    def supports(self, workload: str) -> bool:
+        return True
+
+    def run(self, workload: str, round_: int) -> Result:
+        return trio.run(self._run, getattr(self, f"w_{workload}"), round_)
+
+    def warm_up(self) -> Result:
+        return trio.run(self._run, self.w_warmup, 0)
+
+    async def _run(self, fn: Callable[..., Any], round_: int) -> Result:
+        timeout = httpx.Timeout(self.args.timeout, connect=30.0)
+        limits = httpx.Limits(max_connections=self.args.streams + self.args.conversations + 4)
+        samples: list[Sample] = []
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=timeout, limits=limits) as c:
+            with trio.move_on_after(self.args.timeout) as scope:
+                await fn(c, samples, round_)
+        note = f"timed out after {self.args.timeout:.0f}s" if scope.cancelled_caught else ""
+        return samples, note
 
     def body(self, req: Request) -> dict[str, Any]:
         return {
-            **self.target.extra,
+            **self.extra,
             "messages": req.messages,
             "max_tokens": req.max_tokens,
             "temperature": 0,
@@ -349,72 +374,40 @@ class HttpRunner:
             "stream_options": {"include_usage": True},
         }
 
-    async def run(self, workloads: Sequence[str]) -> list[Row]:
-        timeout = httpx.Timeout(self.args.timeout, connect=30.0)
-        limits = httpx.Limits(max_connections=self.args.streams + self.args.conversations + 4)
-        async with httpx.AsyncClient(
-            base_url=self.target.base_url, timeout=timeout, limits=limits
-        ) as client:
-            self.client = client
-            await self.timed("warm-up", self.warmup, record=False)
-            for name in workloads:
-                await self.timed(name, getattr(self, f"w_{name}"))
-        return self.rows
-
-    async def timed(
-        self, name: str, fn: Callable[[list[Sample]], Any], *, record: bool = True
-    ) -> None:
-        samples: list[Sample] = []
-        t0 = time.perf_counter()
-        with trio.move_on_after(self.args.timeout) as scope:
-            await fn(samples)
-        note = f"timed out after {self.args.timeout:.0f}s" if scope.cancelled_caught else ""
-        print(
-            f"  {self.system}: {name} done in {time.perf_counter() - t0:.1f}s {note}",
-            file=sys.stderr,
-            flush=True,
-        )
-        if not record:
-            return
-        by_row: dict[str, list[Sample]] = {}
-        for s in samples:
-            by_row.setdefault(s.row, []).append(s)
-        for row, group in by_row.items():
-            self.rows.append(summarize(self.system, row, group, note))
-
-    async def one(self, samples: list[Sample], row: str, req: Request) -> Sample:
+    async def one(
+        self, client: httpx.AsyncClient, samples: list[Sample], row: str, req: Request
+    ) -> Sample:
         sample = Sample(row=row, start=time.perf_counter())
         samples.append(sample)
         try:
-            return await stream_chat(self.client, self.body(req), sample)
+            return await stream_chat(client, self.body(req), sample)
         except (httpx.HTTPError, ValueError) as exc:  # a failed request is a row note, not a crash
             sample.error = f"{type(exc).__name__}: {exc}"[:200]
             return sample
 
-    async def warmup(self, samples: list[Sample]) -> None:
+    async def w_warmup(self, c: httpx.AsyncClient, samples: list[Sample], _: int) -> None:
         first, *rest = self.plan.warmup
-        await self.one(samples, "warm-up", first)
+        await self.one(c, samples, "warm-up", first)
         async with trio.open_nursery() as nursery:
             for req in rest:
-                nursery.start_soon(self.one, samples, "warm-up", req)
+                nursery.start_soon(self.one, c, samples, "warm-up", req)
 
-    async def w_single(self, samples: list[Sample]) -> None:
-        for req in self.plan.single:
-            await self.one(samples, "1 stream", req)
+    async def w_single(self, c: httpx.AsyncClient, samples: list[Sample], round_: int) -> None:
+        await self.one(c, samples, "1 stream", self.plan.single[round_])
 
-    async def w_concurrent(self, samples: list[Sample]) -> None:
+    async def w_concurrent(self, c: httpx.AsyncClient, samples: list[Sample], _: int) -> None:
         row = f"{len(self.plan.concurrent)} streams, mixed"
         async with trio.open_nursery() as nursery:
             for req in self.plan.concurrent:
-                nursery.start_soon(self.one, samples, row, req)
+                nursery.start_soon(self.one, c, samples, row, req)
 
-    async def w_multiturn(self, samples: list[Sample]) -> None:
+    async def w_multiturn(self, c: httpx.AsyncClient, samples: list[Sample], _: int) -> None:
         async def conversation(system: dict[str, str], turns: list[str]) -> None:
             messages = [system]
             for t, user in enumerate(turns):
                 messages = [*messages, {"role": "user", "content": user}]
                 row = "multi-turn, turn 1" if t == 0 else "multi-turn, turns 2+"
-                s = await self.one(samples, row, Request(messages, self.plan.reply_tokens))
+                s = await self.one(c, samples, row, Request(messages, self.plan.reply_tokens))
                 if s.error is not None:
                     return
                 messages = [*messages, {"role": "assistant", "content": s.text}]
@@ -423,12 +416,12 @@ class HttpRunner:
             for system, turns in self.plan.conversations:
                 nursery.start_soon(conversation, system, turns)
 
-    async def w_long(self, samples: list[Sample]) -> None:
-        await self.one(samples, "long prompt, cold", self.plan.long)
+    async def w_long(self, c: httpx.AsyncClient, samples: list[Sample], _: int) -> None:
+        await self.one(c, samples, "long prompt, cold", self.plan.long)
 
-    async def w_prefix(self, samples: list[Sample]) -> None:
+    async def w_prefix(self, c: httpx.AsyncClient, samples: list[Sample], _: int) -> None:
         plan = self.plan
-        prime = await self.one(samples, "prefix, prime", plan.prefix_prime)
+        prime = await self.one(c, samples, "prefix, prime", plan.prefix_prime)
         if prime.error is not None:
             return
         tail = [
@@ -436,14 +429,9 @@ class HttpRunner:
             {"role": "user", "content": plan.prefix_question},
         ]
         cold = [plan.prefix_cold_system, *plan.prefix_prime.messages[1:], *tail]
-        await self.one(samples, "prefix, cold", Request(cold, 4))
-        await self.one(samples, "prefix, cached", Request([*plan.prefix_prime.messages, *tail], 4))
-
-
-# --- systems ---------------------------------------------------------------------------------
-
-Measure = Callable[[], tuple[list[Row], str]]
-"""Runs a started system's workloads; returns its rows and a note on how it ran."""
+        await self.one(c, samples, "prefix, cold", Request(cold, 4))
+        cached = [*plan.prefix_prime.messages, *tail]
+        await self.one(c, samples, "prefix, cached", Request(cached, 4))
 
 
 def _die_with_parent() -> None:
@@ -503,6 +491,59 @@ class LineReader:
         return line.decode(errors="replace")
 
 
+class RawSystem:
+    """mlx-lm's generate_step in its own process (the BLAS choice precedes MLX's import),
+    one request at a time over stdin/stdout: the single-stream and long-prompt workloads."""
+
+    ROWS: ClassVar[dict[str, str]] = {"single": "1 stream", "long": "long prompt, cold"}
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], log_path: Path, plan: Plan):
+        assert proc.stdout is not None
+        self.name, self.proc, self.log_path, self.plan = name, proc, log_path, plan
+        self.reader = LineReader(proc.stdout.fileno())
+        self.dead: str | None = None
+
+    def supports(self, workload: str) -> bool:
+        return workload in self.ROWS
+
+    def read(self, predicate: Callable[[str], bool], timeout: float) -> str:
+        try:
+            while not predicate(line := self.reader.readline(timeout)):
+                pass
+        except (TimeoutError, EOFError) as exc:
+            self.dead = "timed out" if isinstance(exc, TimeoutError) else "exited"
+            self.proc.kill()
+            raise RuntimeError(f"{self.name} {self.dead}:\n{_tail(self.log_path)}") from None
+        return line
+
+    def request(self, req: Request, row: str, timeout: float) -> Sample:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(asdict(req)).encode() + b"\n")
+        self.proc.stdin.flush()
+        reply = json.loads(self.read(lambda line: line.startswith("{"), timeout))
+        return Sample(
+            row=row,
+            start=reply["start"],
+            arrivals=reply["arrivals"],
+            completion_tokens=len(reply["arrivals"]),
+            prompt_tokens=reply["prompt_tokens"],
+            error=None,
+        )
+
+    def run(self, workload: str, round_: int, timeout: float) -> Result:
+        row = self.ROWS[workload]
+        if self.dead:
+            return [Sample(row=row, start=0.0, error=self.dead)], ""
+        req = self.plan.single[round_] if workload == "single" else self.plan.long
+        try:
+            return [self.request(req, row, timeout)], ""
+        except RuntimeError:
+            return [Sample(row=row, start=0.0, error=self.dead)], ""
+
+
+System = HttpSystem | RawSystem
+
+
 @dataclass
 class Bench:
     args: argparse.Namespace
@@ -512,13 +553,16 @@ class Bench:
     eos: list[int]
     tmp: Path
 
-    def http(self, system: str, target: Target) -> list[Row]:
-        return trio.run(
-            HttpRunner(system, target, self.plan, self.args).run, self.args.workload_list
-        )
+    def start(self, name: str) -> contextlib.AbstractContextManager[tuple[System, str]]:
+        """A context that starts system `name` (and warms it up) and stops it on exit."""
+        if name == "ours":
+            return self.start_ours()
+        if name.startswith("mlx_lm_server"):
+            return self.start_mlx_lm(fp32=name.endswith("fp32"))
+        return self.start_raw(name.removeprefix("raw_"))
 
     @contextlib.contextmanager
-    def start_ours(self) -> Iterator[Measure]:
+    def start_ours(self) -> Iterator[tuple[System, str]]:
         from mlx_server.testing.server import run_server
 
         with run_server(
@@ -527,37 +571,25 @@ class Bench:
             log_path=self.tmp / "ours.log",
             ready_timeout=self.args.start_timeout,
         ) as server:
-
-            def measure() -> tuple[list[Row], str]:
-                rows = self.http(
-                    "ours", Target(server.base_url, {"model": "default", "ignore_eos": True})
-                )
-                notes = [line for line in server.log().splitlines() if "weights" in line]
-                note = notes[-1].split(": ", 2)[-1] if notes else "(no weights line in its log)"
-                return rows, note
-
-            yield measure
+            extra = {"model": "default", "ignore_eos": True}
+            system = HttpSystem("ours", server.base_url, extra, self.plan, self.args)
+            system.warm_up()
+            notes = [line for line in server.log().splitlines() if "weights" in line]
+            yield system, notes[-1].split(": ", 2)[-1] if notes else "(no weights line in its log)"
 
     @contextlib.contextmanager
-    def start_mlx_lm(self, *, fp32: bool) -> Iterator[Measure]:
+    def start_mlx_lm(self, *, fp32: bool) -> Iterator[tuple[System, str]]:
         from mlx_server.testing.server import free_port
 
-        system = "mlx_lm_server_fp32" if fp32 else "mlx_lm_server"
+        name = "mlx_lm_server_fp32" if fp32 else "mlx_lm_server"
         port = free_port()
-        model = self.fp32_dir if fp32 else self.model_dir
-        cmd = [sys.executable, "-m", "mlx_lm", "server"]
         if fp32:
-            cmd = [
-                sys.executable,
-                "-m",
-                "bench.workers",
-                "mlx-lm-server",
-                "--blas",
-                "openblas",
-                "--",
-            ]
-        cmd += ["--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
-        log_path = self.tmp / f"{system}.log"
+            cmd = [sys.executable, "-m", "bench.workers", "mlx-lm-server", "--blas", "openblas"]
+            cmd += ["--", "--model", str(self.fp32_dir)]
+        else:
+            cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(self.model_dir)]
+        cmd += ["--host", "127.0.0.1", "--port", str(port)]
+        log_path = self.tmp / f"{name}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=_bench_env(), preexec_fn=_PREEXEC
@@ -567,45 +599,28 @@ class Bench:
             deadline = time.monotonic() + self.args.start_timeout
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(
-                        f"{system} exited with {proc.returncode}:\n{_tail(log_path)}"
-                    )
+                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{_tail(log_path)}")
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(f"{base_url}/health", timeout=2.0).status_code == 200:
                         break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{system} not ready after {self.args.start_timeout}s")
+                    raise RuntimeError(f"{name} not ready after {self.args.start_timeout}s")
                 time.sleep(0.2)
-            bias = {str(i): EOS_BIAS for i in self.eos}
-            target = Target(base_url, {"model": "default_model", "logit_bias": bias})
-            note = (
-                "OpenBLAS preloaded, float32 weights" if fp32 else "as shipped: weights as stored"
-            )
-            yield lambda: (
-                self.http(system, target),
-                f"{note}; EOS banned by logit_bias {self.eos}",
-            )
+            # It has no ignore_eos: a large negative bias on the EOS ids does the same.
+            extra = {"model": "default_model", "logit_bias": {str(i): EOS_BIAS for i in self.eos}}
+            system = HttpSystem(name, base_url, extra, self.plan, self.args)
+            system.warm_up()
+            how = "OpenBLAS preloaded, float32 weights" if fp32 else "as shipped: weights as stored"
+            yield system, f"{how}; EOS banned by logit_bias {self.eos}"
         finally:
             _stop(proc)
 
     @contextlib.contextmanager
-    def start_raw(self, variant: str) -> Iterator[Measure]:
-        """mlx-lm's generate_step in a fresh process (the BLAS choice precedes MLX's import);
-        it loads now and measures when told to."""
-        system = f"raw_{variant}"
-        plan, workloads = self.plan, self.args.workload_list
-        requests: list[dict[str, Any]] = [
-            {"workload": "warm-up", "messages": plan.warmup[0].messages, "max_tokens": 4}
-        ]
-        if "single" in workloads:
-            requests += [{"workload": "1 stream", **asdict(r)} for r in plan.single]
-        if "long" in workloads:
-            requests.append({"workload": "long prompt, cold", **asdict(plan.long)})
-        plan_path = self.tmp / f"{system}.json"
-        plan_path.write_text(json.dumps({"requests": requests}))
-        log_path = self.tmp / f"{system}.log"
+    def start_raw(self, variant: str) -> Iterator[tuple[System, str]]:
+        name = f"raw_{variant}"
+        log_path = self.tmp / f"{name}.log"
         cmd = [sys.executable, "-m", "bench.workers", "raw", "--model", str(self.model_dir)]
-        cmd += ["--variant", variant, "--plan", str(plan_path)]
+        cmd += ["--variant", variant]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 cmd,
@@ -615,50 +630,17 @@ class Bench:
                 env=_bench_env(),
                 preexec_fn=_PREEXEC,
             )
-        assert proc.stdin is not None and proc.stdout is not None
-        reader = LineReader(proc.stdout.fileno())
-
-        def wait_for(predicate: Callable[[str], bool], timeout: float) -> str:
-            try:
-                while not predicate(line := reader.readline(timeout)):
-                    pass
-            except (TimeoutError, EOFError) as exc:
-                what = "timed out" if isinstance(exc, TimeoutError) else "exited"
-                raise RuntimeError(f"{system} {what}:\n{_tail(log_path)}") from None
-            return line
-
-        def measure() -> tuple[list[Row], str]:
-            assert proc.stdin is not None
-            proc.stdin.write(b"go\n")
-            proc.stdin.flush()
-            result = json.loads(wait_for(lambda s: s.startswith("{"), self.args.timeout * 2))
-            by_row: dict[str, list[Sample]] = {}
-            for r in result["results"]:
-                sample = Sample(
-                    row=r["workload"],
-                    start=r["start"],
-                    arrivals=r["arrivals"],
-                    completion_tokens=r["completion_tokens"],
-                    prompt_tokens=r["prompt_tokens"],
-                    error=None,
-                )
-                by_row.setdefault(sample.row, []).append(sample)
-            by_row.pop("warm-up", None)
-            rows = [summarize(system, row, group) for row, group in by_row.items()]
-            return rows, f"BLAS: {result['blas']}; weights: {result['weights']}"
-
         try:
-            wait_for(lambda s: s.strip() == "READY", self.args.start_timeout)
-            yield measure
+            system = RawSystem(name, proc, log_path, self.plan)
+            ready = system.read(lambda line: line.startswith("READY"), self.args.start_timeout)
+            info = json.loads(ready.removeprefix("READY"))
+            system.request(self.plan.warmup[0], "warm-up", self.args.timeout)
+            yield system, f"BLAS: {info['blas']}; weights: {info['weights']}"
         finally:
+            if proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
             _stop(proc)  # type: ignore[arg-type]
-
-    def starter(self, system: str) -> contextlib.AbstractContextManager[Measure]:
-        if system == "ours":
-            return self.start_ours()
-        if system.startswith("mlx_lm_server"):
-            return self.start_mlx_lm(fp32=system.endswith("fp32"))
-        return self.start_raw(system.removeprefix("raw_"))
 
 
 # --- model preparation -----------------------------------------------------------------------
@@ -871,6 +853,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--start-timeout", type=float, default=240.0)
     parser.add_argument("--ours-args", default="", help="extra flags for our server")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--settle", type=float, default=0.5, help="pause between measurements (seconds)"
+    )
     parser.add_argument("--json", type=Path, help="also write every row here")
     args = parser.parse_args(argv)
     defaults = {
@@ -907,12 +892,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _loadavg() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+
+
+def _progress(message: str) -> None:
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def rounds(workload: str, args: argparse.Namespace) -> int:
+    return args.repeats if workload == "single" else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    load_before = _loadavg()
     # SIGTERM behaves like Ctrl-C, so every `finally` below runs and no server outlives us.
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     notes: dict[str, str] = {}
-    rows: list[Row] = []
+    samples: dict[tuple[str, str], list[Sample]] = {}
+    row_notes: dict[tuple[str, str], set[str]] = {}
     failed = False
     with tempfile.TemporaryDirectory(prefix="mlx-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -920,25 +919,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_dir, fp32_dir = prepare_models(args, tmp)
         plan = build_plan(PromptBuilder(model_dir, args.seed), args)
         bench = Bench(args, plan, model_dir, fp32_dir, eos_ids(model_dir), tmp)
-        print(f"  models ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-        systems = [
-            s
-            for s in args.system_list
-            if not s.startswith("raw_") or {"single", "long"} & set(args.workload_list)
-        ]
-        for system in systems:  # one at a time, each stopped before the next starts
-            print(f"{system}:", file=sys.stderr, flush=True)
-            t1 = time.perf_counter()
-            try:
-                with bench.starter(system) as measure:
-                    print(f"  started in {time.perf_counter() - t1:.1f}s", file=sys.stderr)
-                    system_rows, notes[system] = measure()
-            except Exception as exc:  # one broken system still leaves a table
-                print(f"  {system} failed: {exc}", file=sys.stderr)
-                notes[system] = f"FAILED: {str(exc).splitlines()[0][:200]}"
-                failed = True
-                continue
-            rows += system_rows
+        _progress(f"models ready in {time.perf_counter() - t0:.1f}s")
+        with contextlib.ExitStack() as stack:
+            # Start (and warm up) every system first, one at a time; idle, each uses no CPU.
+            systems: dict[str, System] = {}
+            for name in args.system_list:
+                t1 = time.perf_counter()
+                try:
+                    systems[name], notes[name] = stack.enter_context(bench.start(name))
+                except Exception as exc:  # one broken system still leaves a table
+                    _progress(f"{name} failed to start: {exc}")
+                    notes[name] = f"FAILED: {str(exc).splitlines()[0][:200]}"
+                    failed = True
+                    continue
+                _progress(f"{name}: started and warmed up in {time.perf_counter() - t1:.1f}s")
+            # Then every round of every workload on each system in turn: the shared machine's
+            # load drifts, and interleaving spreads that drift over all systems alike.
+            for workload in args.workload_list:
+                for round_ in range(rounds(workload, args)):
+                    for name, system in systems.items():
+                        if not system.supports(workload):
+                            continue
+                        t1 = time.perf_counter()
+                        try:
+                            if isinstance(system, RawSystem):
+                                got, note = system.run(workload, round_, args.timeout)
+                            else:
+                                got, note = system.run(workload, round_)
+                        except Exception as exc:
+                            got, note = [], f"{type(exc).__name__}: {exc}"[:200]
+                            failed = True
+                        for sample in got:
+                            samples.setdefault((name, sample.row), []).append(sample)
+                            if note:
+                                row_notes.setdefault((name, sample.row), set()).add(note)
+                        _progress(
+                            f"{name}: {workload} #{round_ + 1} in "
+                            f"{time.perf_counter() - t1:.1f}s {note}"
+                        )
+                        time.sleep(args.settle)
+    rows = [
+        summarize(system, row, group, "; ".join(sorted(row_notes.get((system, row), ()))))
+        for (system, row), group in samples.items()
+    ]
     order = {s: i for i, s in enumerate(args.system_list)}
     row_order = [
         "1 stream",
@@ -953,9 +976,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows.sort(key=lambda r: (order[r.system], row_order.index(r.row) if r.row in row_order else 99))
     print()
     print(f"command: {' '.join(['python -m bench.load', *(argv or sys.argv[1:])])}")
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, load average {load}; model: "
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, load average (1/5/15 min) "
+        f"{load_before} at the start, {_loadavg()} at the end; model: "
         f"{'tiny random llama' if args.tiny else (args.model or 'default (SmolLM2-135M Q4 GGUF)')}"
     )
     print(
@@ -980,4 +1003,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, after every system was stopped
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

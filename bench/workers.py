@@ -1,10 +1,11 @@
 """Subprocess entry points for `bench.load`, each in a fresh interpreter so the BLAS choice is
 made before MLX is first imported (a BLAS preloaded after `import mlx` changes nothing).
 
-    python -m bench.workers raw --model DIR --variant shipped|fp32 --plan PLAN.json
+    python -m bench.workers raw --model DIR --variant shipped|fp32
         mlx-lm's own generation (`generate_step`), no HTTP: the ceiling. `shipped` loads the
         weights as stored with MLX's bundled BLAS; `fp32` preloads the system OpenBLAS and runs
-        float32 weights, as our server does on the CPU. Prints one JSON line.
+        float32 weights, as our server does on the CPU. Requests and replies are JSON lines on
+        stdin and stdout.
     python -m bench.workers mlx-lm-server --blas openblas -- ARGS...
         `mlx_lm.server` with the system OpenBLAS preloaded (to serve float32 weights on the same
         footing as our server).
@@ -23,7 +24,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 
 def _preload_openblas() -> str:
@@ -35,11 +35,12 @@ def _preload_openblas() -> str:
     return path
 
 
-def raw(model_dir: str, variant: str, plan_path: str) -> dict[str, Any]:
-    """Load the model, print READY, wait for a line on stdin (so that loading can overlap other
-    systems' start-up while measuring never does), then run each planned request through
-    `generate_step`, greedy, EOS never stops it (the loop ignores it), timing every token as it
-    is yielded."""
+def raw(model_dir: str, variant: str) -> None:
+    """Load the model and print a READY line with how it runs; then, for each JSON request
+    line on stdin ({"messages", "max_tokens"}), run it through `generate_step` (greedy; EOS
+    does not stop it) and print one JSON line with the time of every token as it is yielded
+    (`time.perf_counter`). Serving requests one at a time lets the parent interleave systems,
+    so that none is measured only while the shared machine happens to be busy."""
     blas = _preload_openblas() if variant == "fp32" else "MLX bundled"
     import mlx.core as mx
     from mlx_lm import load
@@ -55,11 +56,9 @@ def raw(model_dir: str, variant: str, plan_path: str) -> dict[str, Any]:
     def greedy(logprobs: mx.array) -> mx.array:
         return mx.argmax(logprobs, axis=-1)
 
-    plan = json.loads(Path(plan_path).read_text())
-    print("READY", flush=True)
-    sys.stdin.readline()
-    results = []
-    for request in plan["requests"]:
+    print("READY " + json.dumps({"blas": blas, "weights": weights}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
         ids = tokenizer.apply_chat_template(request["messages"], add_generation_prompt=True)
         arrivals: list[float] = []
         start = time.perf_counter()
@@ -67,16 +66,8 @@ def raw(model_dir: str, variant: str, plan_path: str) -> dict[str, Any]:
             mx.array(ids), model, max_tokens=request["max_tokens"], sampler=greedy
         ):
             arrivals.append(time.perf_counter())
-        results.append(
-            {
-                "workload": request["workload"],
-                "start": start,
-                "prompt_tokens": len(ids),
-                "arrivals": arrivals,
-                "completion_tokens": len(arrivals),
-            }
-        )
-    return {"blas": blas, "weights": weights, "results": results}
+        reply = {"start": start, "arrivals": arrivals, "prompt_tokens": len(ids)}
+        print(json.dumps(reply), flush=True)
 
 
 def fp32_dir(src: Path, dst: Path) -> str:
@@ -124,7 +115,6 @@ def main(argv: list[str] | None = None) -> None:
     p_raw = sub.add_parser("raw")
     p_raw.add_argument("--model", required=True)
     p_raw.add_argument("--variant", choices=("shipped", "fp32"), required=True)
-    p_raw.add_argument("--plan", required=True)
     p_fp32 = sub.add_parser("fp32-dir")
     p_fp32.add_argument("src", type=Path)
     p_fp32.add_argument("dst", type=Path)
@@ -133,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     p_srv.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.cmd == "raw":
-        print(json.dumps(raw(args.model, args.variant, args.plan)), flush=True)
+        raw(args.model, args.variant)
     elif args.cmd == "fp32-dir":
         print(fp32_dir(args.src, args.dst), flush=True)
     else:

@@ -21,6 +21,7 @@ from .actors.executor import Executor
 from .actors.frontend import Frontend
 from .actors.scheduler import Scheduler
 from .api.app import create_app
+from .api.metrics import metrics_of
 from .api.state import ServerState
 from .config import Settings
 from .engine import model as model_loading
@@ -104,6 +105,7 @@ async def serve(
         loaded = await root.start(executor.serve)
         await root.start(cache.serve)
         await root.start(scheduler.serve)
+        scheduler.metrics = metrics_of(app)  # the app's /metrics collectors count generations
         server_state.frontend = Frontend(
             loaded,
             scheduler,

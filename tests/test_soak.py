@@ -330,6 +330,14 @@ async def test_soak(server: ServerProcess) -> None:
         key = (name, frozenset(labels.items()))
         return after.get(key, 0.0) - before.get(key, 0.0)
 
+    # Every request is in mlx_server_requests_total: 200 (streams however they ended, and
+    # answers), 504, or 499 (a non-streamed request whose client left first).
+    generation_routes = ("/v1/chat/completions", "/v1/messages", "/v1/completions")
+    server_statuses: Counter[str] = Counter()
+    for (name, labels), value in after.items():
+        label = dict(labels)
+        if name == "mlx_server_requests_total" and label["endpoint"] in generation_routes:
+            server_statuses[label["status"]] += int(value - before.get((name, labels), 0.0))
     five_xx = sum(n for status, n in tally.statuses.items() if status >= 500)
     unexpected_5xx = five_xx - tally.statuses[504]
     server_timeouts = delta("mlx_server_rejected_total", reason="timeout")
@@ -338,7 +346,8 @@ async def test_soak(server: ServerProcess) -> None:
         f"{tally.completed} completed, {tally.disconnects} client disconnects injected, "
         f"{tally.timeouts} timeouts seen by clients ({server_timeouts:.0f} counted by the server, "
         f"which also counts generations whose client had left); "
-        f"statuses {dict(sorted(tally.statuses.items()))}; 5xx seen {five_xx} "
+        f"statuses seen {dict(sorted(tally.statuses.items()))}, counted by the server "
+        f"{dict(sorted(server_statuses.items()))}; 5xx seen {five_xx} "
         f"(all 504 timeouts: {unexpected_5xx == 0}); "
         f"generated {delta('mlx_server_generation_tokens_total'):.0f} tokens; "
         f"RSS {rss_before / 2**20:.1f} MiB after warm-up -> {rss_after / 2**20:.1f} MiB "
@@ -350,4 +359,5 @@ async def test_soak(server: ServerProcess) -> None:
     assert tally.disconnects > 0 and tally.timeouts > 0, "the soak must inject both faults"
     assert tally.completed + tally.disconnects + tally.timeouts == REQUESTS
     assert server_timeouts >= tally.timeouts
+    assert sum(server_statuses.values()) == REQUESTS
     assert rss_after - rss_before < RSS_GROWTH_LIMIT

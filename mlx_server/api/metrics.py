@@ -7,7 +7,8 @@ one process (tests) never clash. What is counted where:
 - `mlx_server_requests_total{endpoint,status}`: every HTTP response, in an `after_request` hook;
   `endpoint` is the route's rule (`/v1/models/<path:model_id>`), never the raw path, so the label
   set stays bounded; a path no route matches is `unmatched`. A stream counts with the status it
-  started with (200), however it ends.
+  started with (200), however it ends; a request whose client left before any response was made
+  (a non-streamed generation) counts as status 499, in `teardown_request`.
 - `mlx_server_prompt_tokens_total`, `_prompt_cache_hit_tokens_total`: when a sequence leaves the
   engine (finished, stopped, aborted); `_generation_tokens_total`: every step, for every token
   the engine produced, so it keeps rising exactly as long as the engine works for a request,
@@ -40,6 +41,7 @@ from quart import Quart, Response, g, request
 if TYPE_CHECKING:
     from .state import ServerState
 
+CLIENT_CLOSED = 499  # nginx's status for "the client went away before the response"
 REJECT_REASONS = ("auth", "rate_limit", "overloaded", "too_large", "timeout", "invalid")
 _GENERATION_RULES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages"})
 TTFT_BUCKETS = (
@@ -159,20 +161,21 @@ def install_metrics(app: Quart, server_state: ServerState) -> Metrics:
     metrics = Metrics(server_state)
     app.extensions["mlx_server.metrics"] = metrics
 
-    @app.before_request
-    async def _bind_scheduler() -> None:
-        # The frontend (and its scheduler) appears once the model has loaded; every request
-        # passes here before it can submit work, so the sink is in place for all of them.
-        fe = server_state.frontend
-        if fe is not None and fe.scheduler.metrics is not metrics:
-            fe.scheduler.metrics = metrics
+    def endpoint() -> str:
+        rule = request.url_rule
+        return rule.rule if rule is not None else "unmatched"
 
     @app.after_request
     async def _count(response: Response) -> Response:
-        rule = request.url_rule
-        endpoint = rule.rule if rule is not None else "unmatched"
-        metrics.count_response(endpoint, response.status_code)
+        g.mlx_server_counted = True
+        metrics.count_response(endpoint(), response.status_code)
         return response
+
+    @app.teardown_request
+    async def _count_gone(_exc: BaseException | None) -> None:
+        # No checkpoints: this may run inside a cancelled scope (the client went away).
+        if not g.get("mlx_server_counted"):
+            metrics.requests.labels(endpoint=endpoint(), status=str(CLIENT_CLOSED)).inc()
 
     @app.get("/metrics")
     async def _metrics() -> Response:

@@ -284,6 +284,8 @@ class BatchEngine:
             token_ids = (*seq.prompt, *seq.generated[:-1])
             handle = self._next_handle
             self._next_handle += 1
+            # Evaluate now: an unevaluated row slice keeps the whole batch's KV arrays alive.
+            mx.eval([c.state for c in cache])
             self.stored[handle] = cache
             nbytes = sum(int(c.nbytes) for c in cache)
             stored = StoredCache(handle=handle, token_ids=token_ids, nbytes=nbytes)

@@ -169,8 +169,8 @@ def read_stream_event(endpoint: str, name: str, data: str, result: Result, now: 
         kind = obj.get("type")
         if kind == "content_block_delta":
             delta = obj.get("delta") or {}
-            if delta.get("type") == "text_delta":
-                result.add_text(int(obj.get("index", 0)), str(delta.get("text", "")), now)
+            if delta.get("type") == "text_delta":  # every text block is one answer
+                result.add_text(0, str(delta.get("text", "")), now)
         elif kind == "message_delta":
             usage = obj.get("usage") or {}
             if isinstance(usage.get("output_tokens"), int):
