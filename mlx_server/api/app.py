@@ -13,7 +13,7 @@ from .cors import install_cors
 from .errors import install_error_handlers
 from .metrics import install_metrics
 from .outcome import install_outcomes
-from .state import ServerState, state
+from .state import ServerState, frontend, state
 
 
 def create_app(settings: Settings, server_state: ServerState) -> QuartTrio:
@@ -39,6 +39,7 @@ def create_app(settings: Settings, server_state: ServerState) -> QuartTrio:
     openapi_doc.install_openapi(app, settings)  # /openapi.json, open like /health
     install_cors(app, settings.cors_origins)  # before access control: preflights need no key
     install_access_control(app, settings)
+    _require_a_model(app)
     _close_after_unread_bodies(app)
 
     @app.get("/health")
@@ -52,6 +53,16 @@ def create_app(settings: Settings, server_state: ServerState) -> QuartTrio:
         return body, (200 if st.status == "ok" else 503)
 
     return app
+
+
+def _require_a_model(app: Quart) -> None:
+    """Every /v1 route answers 503 while the model loads or the server stops, before it even
+    reads the request, in the route's own error shape."""
+
+    @app.before_request
+    async def _ready() -> None:
+        if request.path.startswith("/v1/") and request.method != "OPTIONS":
+            frontend()  # raises ServiceUnavailable (503) until the model is ready
 
 
 def _close_after_unread_bodies(app: Quart) -> None:

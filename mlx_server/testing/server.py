@@ -43,22 +43,26 @@ def run_server(
     env: dict[str, str] | None = None,
     log_path: Path,
     ready_timeout: float = 180.0,
+    launcher: Sequence[str] | None = None,
+    wait_ready: bool = True,
 ) -> Iterator[ServerProcess]:
-    """Run `python -m mlx_server --host 127.0.0.1 --port <free> *args`; yield once /health
-    says ok; stop it with SIGTERM (then SIGKILL) on exit."""
+    """Run `python -m mlx_server --host 127.0.0.1 --port <free> *args` (or `launcher` instead
+    of `python -m mlx_server`); yield once /health says ok (at once if not `wait_ready`); stop
+    it with SIGTERM (then SIGKILL) on exit."""
     port = free_port()
     full_env = {**os.environ, **(env or {})}
     full_env.setdefault("HF_HUB_OFFLINE", "1")
     # Let the server's imports be cached as bytecode: each start then skips recompiling
     # mlx-lm and transformers (seconds of CPU per server on a small machine).
     full_env.pop("PYTHONDONTWRITEBYTECODE", None)
-    cmd = [sys.executable, "-m", "mlx_server", "--host", "127.0.0.1", "--port", str(port), *args]
+    start = list(launcher) if launcher is not None else [sys.executable, "-m", "mlx_server"]
+    cmd = [*start, "--host", "127.0.0.1", "--port", str(port), *args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     server = ServerProcess(process=proc, port=port, log_path=log_path)
     try:
         deadline = time.monotonic() + ready_timeout
-        while True:
+        while wait_ready:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
             try:
