@@ -31,7 +31,12 @@ Workloads (`--workloads`, default: all):
 
 Generation never stops at EOS: our server gets `ignore_eos: true`; mlx_lm.server, which lacks
 it, gets a `logit_bias` of -1000 on the EOS ids; `generate_step` ignores EOS by itself. Token
-counts come from each stream's usage chunk. The systems run one after another, never at once.
+counts come from each stream's usage chunk.
+
+All systems start first, one at a time, and warm up; then every round of every workload runs on
+each system in turn, never two at once (an idle system uses no CPU). On a shared machine the
+background load drifts; interleaving spreads the drift over all systems alike, but single runs
+stay noisy: compare ratios from one run, and repeat (`--repeats`) when it matters.
 """
 
 from __future__ import annotations
@@ -222,6 +227,7 @@ class Sample:
     cached_tokens: int = 0
     text: str = ""
     error: str | None = "incomplete"
+    round_: int = 0  # which round of its workload (the single stream runs several)
 
 
 async def stream_chat(client: httpx.AsyncClient, body: dict[str, Any], sample: Sample) -> Sample:
@@ -289,15 +295,20 @@ def summarize(system: str, row: str, samples: Sequence[Sample], note: str = "") 
     ok = [s for s in samples if s.error is None and s.arrivals]
     ttft = [s.arrivals[0] - s.start for s in ok]
     itl = [b - a for s in ok for a, b in zip(s.arrivals, s.arrivals[1:], strict=False)]
-    rates = [
+    rates = [  # a stream whose chunks all came at once (a stalled client) has no rate
         (s.completion_tokens - 1) / (s.arrivals[-1] - s.arrivals[0])
         for s in ok
-        if s.completion_tokens > 1 and s.arrivals[-1] > s.arrivals[0]
+        if s.completion_tokens > 1 and s.arrivals[-1] - s.arrivals[0] > 1e-3
     ]
-    aggregate = None
-    if ok:
-        span = max(s.arrivals[-1] for s in ok) - min(s.start for s in ok)
-        aggregate = sum(s.completion_tokens for s in ok) / span if span > 0 else None
+    by_round: dict[int, list[Sample]] = {}
+    for s in ok:
+        by_round.setdefault(s.round_, []).append(s)
+    aggregates = []  # per round: the rounds of the single stream are interleaved with others
+    for group in by_round.values():
+        span = max(s.arrivals[-1] for s in group) - min(s.start for s in group)
+        if span > 0:
+            aggregates.append(sum(s.completion_tokens for s in group) / span)
+    aggregate = percentile(aggregates, 0.5)
     prompt = sum(s.prompt_tokens for s in ok)
     errors = sorted({s.error for s in samples if s.error is not None})
     if errors:
@@ -950,6 +961,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             got, note = [], f"{type(exc).__name__}: {exc}"[:200]
                             failed = True
                         for sample in got:
+                            sample.round_ = round_
                             samples.setdefault((name, sample.row), []).append(sample)
                             if note:
                                 row_notes.setdefault((name, sample.row), set()).add(note)
@@ -995,7 +1007,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         "\nTTFT: request sent -> first content chunk. ITL: gap between content chunks. "
         "tok/s/str: median per-stream decode rate after the first token. "
-        "agg tok/s: all completion tokens / (last token - first request)."
+        "agg tok/s: all completion tokens / (last token - first request), median over rounds."
     )
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))

@@ -183,7 +183,16 @@ class Executor:
         token: trio.lowlevel.TrioToken,
     ) -> None:
         if isinstance(command, Admit):
-            progress = engine.admit(command)
+            try:
+                progress = engine.admit(command)
+            except Exception as exc:  # one bad request must not take the executor down
+                log.exception("admitting %s failed", command.request.request_id)
+                failed = SequenceFailed(
+                    request_id=command.request.request_id,
+                    message=f"generation failed: {type(exc).__name__}: {exc}",
+                )
+                post(StepOutput(events=(failed,), batch_size=len(engine.running)))
+                return
             post(StepOutput(events=(progress,), batch_size=len(engine.running)))
         elif isinstance(command, Abort):
             finished = engine.abort(command.request_id)

@@ -100,7 +100,8 @@ class Frontend:
         if spec.chat is not None:
             messages: list[dict[str, Any]] = []
             for m in spec.chat:
-                entry: dict[str, Any] = {"role": m.role, "content": m.content}
+                # Templates concatenate content; a tool-call turn's null content is "" to them.
+                entry: dict[str, Any] = {"role": m.role, "content": m.content or ""}
                 if m.name is not None:
                     entry["name"] = m.name
                 for key, value in m.extra:

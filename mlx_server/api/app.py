@@ -78,6 +78,7 @@ def _close_after_unread_bodies(app: Quart) -> None:
     async def _close(response: Response) -> Response:
         chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
         has_body = bool(request.content_length) or chunked
-        if response.status_code >= 400 and has_body and request.http_version in ("1.0", "1.1"):
+        unread = response.status_code >= 400 or request.method in ("OPTIONS", "HEAD", "GET")
+        if unread and has_body and request.http_version in ("1.0", "1.1"):
             response.headers["Connection"] = "close"
         return response

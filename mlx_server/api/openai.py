@@ -108,7 +108,9 @@ def parse_sampling(f: Fields, *, vocab_size: int) -> SamplingParams:
     rep = f.number("repetition_penalty", 1.0, lo=0.01, hi=10.0)
     presence = f.number("presence_penalty", 0.0, lo=-2.0, hi=2.0)
     frequency = f.number("frequency_penalty", 0.0, lo=-2.0, hi=2.0)
-    seed = f.integer("seed", None)
+    # OpenAI's int64 range. MLX keys take 0..2**64-1 (a larger seed killed the executor thread),
+    # so the seed is taken mod 2**63, which leaves room for the `seed + j` of n > 1 choices.
+    seed = f.integer("seed", None, lo=-(2**63), hi=2**63 - 1)
     bias_raw = f.obj("logit_bias") or {}
     bias: list[tuple[int, float]] = []
     for k, v in bias_raw.items():
@@ -135,7 +137,7 @@ def parse_sampling(f: Fields, *, vocab_size: int) -> SamplingParams:
         repetition_penalty=rep,
         presence_penalty=presence,
         frequency_penalty=frequency,
-        seed=seed,
+        seed=None if seed is None else seed % 2**63,
         logit_bias=tuple(bias),
     )
 
@@ -195,9 +197,10 @@ async def chat_completions() -> Response | dict[str, Any]:
     chat = parse_chat_messages(body.get("messages"))
     stream = f.boolean("stream", False)
     n = f.integer("n", 1, lo=1, hi=MAX_N) or 1
+    legacy_max = f.integer("max_tokens", None, lo=1)  # validated even when superseded
     max_tokens = f.integer("max_completion_tokens", None, lo=1)
     if max_tokens is None:
-        max_tokens = f.integer("max_tokens", None, lo=1)
+        max_tokens = legacy_max
     sampling = parse_sampling(f, vocab_size=fe.vocab_size)
     want_logprobs = f.boolean("logprobs", False)
     top_logprobs = f.integer("top_logprobs", 0, lo=0, hi=20) or 0

@@ -28,6 +28,7 @@ from typing import Any
 from quart import Quart
 
 from ..config import Settings
+from . import completions, embeddings, openai
 from .state import state
 
 Schema = dict[str, Any]
@@ -35,13 +36,14 @@ Schema = dict[str, Any]
 OPENAPI_VERSION = "3.1.0"
 DOCUMENT_PATH = "/openapi.json"
 
-# Limits the handlers enforce (kept in sync by tests/test_fuzz.py's fuzzing).
-CHAT_MAX_N = 16
-COMPLETIONS_MAX_N = 16
-COMPLETIONS_MAX_LOGPROBS = 5
-EMBEDDINGS_MAX_INPUTS = 2048
-MAX_STOP_SEQUENCES = 4
-MAX_TOP_LOGPROBS = 20
+# Limits the handlers enforce: their own constants where they have one, else the literal they
+# check (tests/test_fuzz.py's negative fuzzing fails when a documented limit is not enforced).
+CHAT_MAX_N = openai.MAX_N
+COMPLETIONS_MAX_N = completions.MAX_N
+COMPLETIONS_MAX_LOGPROBS = completions.MAX_LOGPROBS
+EMBEDDINGS_MAX_INPUTS = embeddings.MAX_INPUTS
+MAX_STOP_SEQUENCES = 4  # params.Fields.stop_list
+MAX_TOP_LOGPROBS = 20  # openai.chat_completions
 
 
 def _version() -> str:
@@ -166,7 +168,12 @@ class _Builder:
         else:
             patterns = [_name_pattern(n) for n in dict.fromkeys(self.model_names)]
             patterns += [_glob_pattern(a) for a in self.model_aliases]
-            named = {"type": "string", "minLength": 1, "anyOf": [{"pattern": p} for p in patterns]}
+            named = {
+                "type": "string",
+                "minLength": 1,
+                "anyOf": [{"pattern": p} for p in patterns],
+                "examples": [self.model_names[0]],
+            }
         if required:
             return {**named, "description": description}
         return {
@@ -187,7 +194,7 @@ class _Builder:
 
     def token_id_key(self) -> Schema:
         """A `logit_bias` key: a token id written in decimal."""
-        return {"type": "string", "pattern": r"^[0-9]{1,9}$"}
+        return {"type": "string", "pattern": "^[0-9]+$"}
 
     def stop(self, description: str) -> Schema:
         return {
@@ -209,7 +216,9 @@ class _Builder:
             "repetition_penalty": _number(0.01, 10, "Penalty for repeated tokens. Default 1."),
             "presence_penalty": _number(-2, 2, "OpenAI's presence penalty. Default 0."),
             "frequency_penalty": _number(-2, 2, "OpenAI's frequency penalty. Default 0."),
-            "seed": _integer("Same seed, same output (with n > 1 choice j uses seed + j)."),
+            "seed": _integer(
+                "Same seed, same output (with n > 1 choice j uses seed + j).", -(2**63), 2**63 - 1
+            ),
             "logit_bias": _nullable(
                 {
                     "type": "object",
@@ -323,12 +332,13 @@ class _Builder:
         tokens = {"type": "array", "minItems": 1, "items": self.token_id()}
         return {
             "anyOf": [
-                {"type": "string"},
-                {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                {"type": "string", "minLength": 1},
+                {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
                 tokens,
                 {"type": "array", "minItems": 1, "items": tokens},
             ],
-            "description": "A string, a list of strings, token ids, or lists of token ids.",
+            "description": "A string, a list of strings, token ids, or lists of token ids. "
+            "Text is tokenized without a chat template; each prompt needs at least one token.",
         }
 
     def completion_request(self) -> Schema:
@@ -909,7 +919,12 @@ class _Builder:
             "tags": [tag],
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": _ref(request)}},
+                "content": {
+                    "application/json": {
+                        "schema": _ref(request),
+                        "examples": self.examples(request),
+                    }
+                },
             },
             "responses": self.responses(ok, anthropic=anthropic, statuses=statuses),
         }
@@ -924,6 +939,42 @@ class _Builder:
                 }
             ]
         return op
+
+    def examples(self, request: str) -> dict[str, Any]:
+        """Example requests (the fuzzer sends them too): a plain one and a streamed one."""
+        model = self.model_names[0] if self.model_names else "default"
+        question = "What is the capital of France?"
+        chat = [{"role": "user", "content": question}]
+        plain: dict[str, Any]
+        streamed: dict[str, Any] | None = None
+        if request == "ChatCompletionRequest":
+            plain = {"model": model, "messages": chat, "max_completion_tokens": 16}
+            streamed = {
+                **plain,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "logprobs": True,
+                "top_logprobs": 2,
+            }
+        elif request == "CompletionRequest":
+            plain = {"model": model, "prompt": "The capital of France is", "max_tokens": 8}
+            streamed = {**plain, "stream": True, "echo": True, "logprobs": 2, "n": 2, "seed": 7}
+        elif request == "EmbeddingRequest":
+            plain = {"model": model, "input": ["Paris", "Rome"]}
+            return {
+                "float": {"value": plain},
+                "base64": {"value": {**plain, "encoding_format": "base64"}},
+            }
+        elif request == "MessagesRequest":
+            plain = {"model": model, "max_tokens": 16, "messages": chat}
+            streamed = {**plain, "system": "Answer briefly.", "stream": True, "temperature": 0}
+        else:
+            plain = {"model": model, "messages": chat, "system": "Answer briefly."}
+        out: dict[str, Any] = {"plain": {"value": plain}}
+        if streamed is not None:
+            out["streamed"] = {"value": streamed}
+        return out
 
     def get(
         self,

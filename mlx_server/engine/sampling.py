@@ -21,7 +21,9 @@ class RowSampler:
 
     def __init__(self, params: SamplingParams, vocab_size: int) -> None:
         self.params = params
-        self.key: mx.array | None = mx.random.key(params.seed) if params.seed is not None else None
+        self.key: mx.array | None = (
+            mx.random.key(params.seed % 2**64) if params.seed is not None else None
+        )
         bias = [(t, b) for t, b in params.logit_bias if 0 <= t < vocab_size]
         self.bias_ids = mx.array([t for t, _ in bias], dtype=mx.int32) if bias else None
         self.bias_vals = mx.array([b for _, b in bias], dtype=mx.float32) if bias else None
