@@ -1,5 +1,5 @@
 """``python -m mlx_server``: the same as the ``mlx-server`` command."""
 
-from .cli import main
+from .cli import entry
 
-raise SystemExit(main())
+entry()

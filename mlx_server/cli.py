@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -69,3 +70,21 @@ def main(argv: Sequence[str] | None = None) -> int | None:
         if unknown is None and known is not None:
             return _report(_first_leaf(known))
         raise
+
+
+def entry() -> None:
+    """The process entry point (console script and ``python -m``): run `main`, then end the
+    process without interpreter finalisation. MLX and OpenBLAS keep native worker threads,
+    and tearing the interpreter down around them can abort (SIGABRT) a server that had already
+    shut down cleanly; the exit status must be `main`'s."""
+    try:
+        result = main()
+    except SystemExit as exc:
+        result = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    code = 0 if result is None else int(result)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
