@@ -43,7 +43,7 @@ from ..messages import (
 from . import outcome, sse
 from .errors import openai_error, openai_error_body
 from .openai import SYSTEM_FINGERPRINT, parse_sampling, usage_json
-from .params import Fields, json_body
+from .params import Fields, json_body, prompt_inputs
 from .state import frontend
 
 if TYPE_CHECKING:
@@ -60,41 +60,9 @@ MAX_LOGPROBS = 5
 # -- request parsing ---------------------------------------------------------------------------
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def parse_prompts(raw: Any, *, param: str = "prompt") -> list[PromptSpec]:
     """A string, a list of strings, a list of token ids, or a list of lists of token ids."""
-    if raw is None:
-        raise InvalidRequest(f"'{param}' is required", param=param)
-    if isinstance(raw, str):
-        return [PromptSpec(text=raw)]
-    if not isinstance(raw, list):
-        raise InvalidRequest(
-            f"'{param}' must be a string, a list of strings, a list of token ids or a list of "
-            "lists of token ids",
-            param=param,
-        )
-    if not raw:
-        raise InvalidRequest(f"'{param}' must not be an empty list", param=param)
-    if all(isinstance(p, str) for p in raw):
-        return [PromptSpec(text=p) for p in raw]
-    if all(_is_int(t) for t in raw):
-        return [PromptSpec(token_ids=tuple(raw))]
-    if all(isinstance(p, list) for p in raw):
-        out: list[PromptSpec] = []
-        for i, p in enumerate(raw):
-            if not p or not all(_is_int(t) for t in p):
-                raise InvalidRequest(
-                    f"'{param}[{i}]' must be a non-empty list of token ids", param=param
-                )
-            out.append(PromptSpec(token_ids=tuple(p)))
-        return out
-    raise InvalidRequest(
-        f"'{param}' mixes types: use only strings, only token ids, or only lists of token ids",
-        param=param,
-    )
+    return prompt_inputs(raw, param=param)
 
 
 @attrs.frozen

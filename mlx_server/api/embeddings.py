@@ -18,7 +18,7 @@ from quart import Blueprint, Response
 from ..errors import InvalidRequest
 from ..messages import PromptSpec
 from . import outcome
-from .params import Fields, json_body
+from .params import Fields, json_body, prompt_inputs
 from .state import frontend
 
 bp = Blueprint("embeddings", __name__)
@@ -27,46 +27,9 @@ MAX_INPUTS = 2048  # OpenAI's limit
 ENCODING_FORMATS = ("float", "base64")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def parse_inputs(raw: Any, *, param: str = "input") -> list[PromptSpec]:
     """A non-empty string, a list of them, a list of token ids, or a list of lists of ids."""
-    if raw is None:
-        raise InvalidRequest(f"'{param}' is required", param=param)
-    if isinstance(raw, str):
-        raw = [raw]
-    elif not isinstance(raw, list):
-        raise InvalidRequest(
-            f"'{param}' must be a string, a list of strings, a list of token ids or a list of "
-            "lists of token ids",
-            param=param,
-        )
-    if not raw:
-        raise InvalidRequest(f"'{param}' must not be empty", param=param)
-    if all(_is_int(t) for t in raw):
-        return [PromptSpec(token_ids=tuple(raw))]
-    if len(raw) > MAX_INPUTS:
-        raise InvalidRequest(f"'{param}' takes at most {MAX_INPUTS} inputs", param=param)
-    if all(isinstance(x, str) for x in raw):
-        for i, text in enumerate(raw):
-            if not text:
-                raise InvalidRequest(f"'{param}[{i}]' is an empty string", param=param)
-        return [PromptSpec(text=text) for text in raw]
-    if all(isinstance(x, list) for x in raw):
-        out: list[PromptSpec] = []
-        for i, ids in enumerate(raw):
-            if not ids or not all(_is_int(t) for t in ids):
-                raise InvalidRequest(
-                    f"'{param}[{i}]' must be a non-empty list of token ids", param=param
-                )
-            out.append(PromptSpec(token_ids=tuple(ids)))
-        return out
-    raise InvalidRequest(
-        f"'{param}' mixes types: use only strings, only token ids, or only lists of token ids",
-        param=param,
-    )
+    return prompt_inputs(raw, param=param, allow_empty_text=False, max_items=MAX_INPUTS)
 
 
 def encode_base64(vector: list[float]) -> str:

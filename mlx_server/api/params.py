@@ -9,6 +9,7 @@ from typing import Any
 from quart import request
 
 from ..errors import InvalidRequest
+from ..messages import PromptSpec
 
 
 async def json_body() -> dict[str, Any]:
@@ -122,3 +123,48 @@ class Fields:
         raise InvalidRequest(
             f"'{self._name(key)}' must be a string or a list of strings", param=self._name(key)
         )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def prompt_inputs(
+    raw: Any, *, param: str, allow_empty_text: bool = True, max_items: int | None = None
+) -> list[PromptSpec]:
+    """A string, a list of strings, a list of token ids, or a list of lists of token ids (the
+    input forms of /v1/completions and /v1/embeddings), one PromptSpec per input."""
+    if raw is None:
+        raise InvalidRequest(f"'{param}' is required", param=param)
+    if isinstance(raw, str):
+        raw = [raw]
+    elif not isinstance(raw, list):
+        raise InvalidRequest(
+            f"'{param}' must be a string, a list of strings, a list of token ids or a list of "
+            "lists of token ids",
+            param=param,
+        )
+    if not raw:
+        raise InvalidRequest(f"'{param}' must not be empty", param=param)
+    if all(_is_int(t) for t in raw):
+        return [PromptSpec(token_ids=tuple(raw))]
+    if max_items is not None and len(raw) > max_items:
+        raise InvalidRequest(f"'{param}' takes at most {max_items} inputs", param=param)
+    if all(isinstance(x, str) for x in raw):
+        for i, text in enumerate(raw):
+            if not text and not allow_empty_text:
+                raise InvalidRequest(f"'{param}[{i}]' is an empty string", param=param)
+        return [PromptSpec(text=text) for text in raw]
+    if all(isinstance(x, list) for x in raw):
+        out: list[PromptSpec] = []
+        for i, ids in enumerate(raw):
+            if not ids or not all(_is_int(t) for t in ids):
+                raise InvalidRequest(
+                    f"'{param}[{i}]' must be a non-empty list of token ids", param=param
+                )
+            out.append(PromptSpec(token_ids=tuple(ids)))
+        return out
+    raise InvalidRequest(
+        f"'{param}' mixes types: use only strings, only token ids, or only lists of token ids",
+        param=param,
+    )
