@@ -9,6 +9,8 @@ tokens/s for each system, and the ratios the performance targets name.
     uv run python -m bench.load --tiny --quick       # smoke run (what the test runs)
     uv run python -m bench.load --tokens 32 --systems ours,mlx_lm_server,raw
     uv run python -m bench.load --model DIR_OR_GGUF --workloads single,concurrent
+    uv run python -m bench.load --model DIR --systems ours,mlx_lm_server,raw_shipped \
+        --tokens 256 --streams 8,32 --mix uniform        # a GPU run (see README)
 
 Systems (`--systems`, comma-separated; default: all; with --quick: ours,mlx_lm_server,raw_fp32):
     ours                our server (`mlx-server`), as it configures itself: on Linux CPU with
@@ -16,13 +18,15 @@ Systems (`--systems`, comma-separated; default: all; with --quick: ours,mlx_lm_s
     mlx_lm_server       `python -m mlx_lm server` as shipped: weights as stored, MLX's BLAS
     mlx_lm_server_fp32  mlx_lm.server on the same weights as ours: OpenBLAS preloaded, float32
     raw                 = raw_shipped,raw_fp32: mlx-lm's `generate_step`, no HTTP (the ceiling),
-                        as shipped and on the same weights as ours
+                        as shipped and on the same weights as ours; for the concurrent
+                        workload, mlx-lm's `BatchGenerator` with all streams inserted at once
 
 Workloads (`--workloads`, default: all):
     single      one stream, `--tokens` tokens
-    concurrent  `--streams` streams at once, a mix of short chats (one short question,
-                `--tokens`/2 tokens) and long chats (a ~`--long-chat-tokens` history,
-                `--tokens` tokens)
+    concurrent  `--streams` streams at once (a comma-separated list runs each count in
+                turn), a mix of short chats (one short question, `--tokens`/2 tokens) and long
+                chats (a ~`--long-chat-tokens` history, `--tokens` tokens); with `--mix
+                uniform`, every stream a short chat of `--tokens` tokens
     multiturn   `--conversations` concurrent conversations of `--turns` turns; each turn
                 extends the conversation (with the reply as received), so a prompt cache applies
     long        time to first token of a cold ~`--long-tokens`-token prompt
@@ -50,6 +54,7 @@ import os
 import platform
 import random
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,7 +174,7 @@ class Plan:
 
     warmup: list[Request]
     single: list[Request]  # the same shape `--repeats` times, each with its own first line
-    concurrent: list[Request]
+    concurrent: dict[int, list[Request]]  # by stream count
     conversations: list[tuple[dict[str, str], list[str]]]  # (system message, user turns)
     reply_tokens: int  # max_tokens of each multi-turn reply
     long: Request
@@ -180,12 +185,18 @@ class Plan:
 
 def build_plan(p: PromptBuilder, args: argparse.Namespace) -> Plan:
     warmup = [Request(p.short_chat(), 4) for _ in range(1 + min(args.streams, 4))]
-    concurrent = [
-        Request(p.short_chat(), max(args.tokens // 2, 2))
-        if i % 2 == 0
-        else Request(p.long_chat(args.long_chat_tokens), args.tokens)
-        for i in range(args.streams)
-    ]
+
+    def concurrent_requests(n: int) -> list[Request]:
+        if args.mix == "uniform":
+            return [Request(p.short_chat(), args.tokens) for _ in range(n)]
+        return [
+            Request(p.short_chat(), max(args.tokens // 2, 2))
+            if i % 2 == 0
+            else Request(p.long_chat(args.long_chat_tokens), args.tokens)
+            for i in range(n)
+        ]
+
+    concurrent = {n: concurrent_requests(n) for n in args.stream_counts}
     conversations = []
     for _ in range(args.conversations):
         turns = [
@@ -367,7 +378,9 @@ class HttpSystem:
 
     async def _run(self, fn: Callable[..., Any], round_: int) -> Result:
         timeout = httpx.Timeout(self.args.timeout, connect=30.0)
-        limits = httpx.Limits(max_connections=self.args.streams + self.args.conversations + 4)
+        limits = httpx.Limits(
+            max_connections=max(self.args.stream_counts) + self.args.conversations + 4
+        )
         samples: list[Sample] = []
         async with httpx.AsyncClient(base_url=self.base_url, timeout=timeout, limits=limits) as c:
             with trio.move_on_after(self.args.timeout) as scope:
@@ -406,10 +419,11 @@ class HttpSystem:
     async def w_single(self, c: httpx.AsyncClient, samples: list[Sample], round_: int) -> None:
         await self.one(c, samples, "1 stream", self.plan.single[round_])
 
-    async def w_concurrent(self, c: httpx.AsyncClient, samples: list[Sample], _: int) -> None:
-        row = f"{len(self.plan.concurrent)} streams, mixed"
+    async def w_concurrent(self, c: httpx.AsyncClient, samples: list[Sample], round_: int) -> None:
+        n = self.args.stream_counts[round_]
+        row = concurrent_row(n, self.args)
         async with trio.open_nursery() as nursery:
-            for req in self.plan.concurrent:
+            for req in self.plan.concurrent[n]:
                 nursery.start_soon(self.one, c, samples, row, req)
 
     async def w_multiturn(self, c: httpx.AsyncClient, samples: list[Sample], _: int) -> None:
@@ -507,15 +521,24 @@ class RawSystem:
     one request at a time over stdin/stdout: the single-stream and long-prompt workloads."""
 
     ROWS: ClassVar[dict[str, str]] = {"single": "1 stream", "long": "long prompt, cold"}
+    args: argparse.Namespace
 
-    def __init__(self, name: str, proc: subprocess.Popen[bytes], log_path: Path, plan: Plan):
+    def __init__(
+        self,
+        name: str,
+        proc: subprocess.Popen[bytes],
+        log_path: Path,
+        plan: Plan,
+        args: argparse.Namespace,
+    ):
         assert proc.stdout is not None
         self.name, self.proc, self.log_path, self.plan = name, proc, log_path, plan
+        self.args = args
         self.reader = LineReader(proc.stdout.fileno())
         self.dead: str | None = None
 
     def supports(self, workload: str) -> bool:
-        return workload in self.ROWS
+        return workload in self.ROWS or workload == "concurrent"
 
     def read(self, predicate: Callable[[str], bool], timeout: float) -> str:
         try:
@@ -541,7 +564,35 @@ class RawSystem:
             error=None,
         )
 
+    def batch(self, reqs: list[Request], row: str, timeout: float) -> list[Sample]:
+        """All requests at once through mlx-lm's BatchGenerator (continuous batching)."""
+        assert self.proc.stdin is not None
+        line = json.dumps({"batch": [asdict(r) for r in reqs]})
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+        reply = json.loads(self.read(lambda line: line.startswith("{"), timeout))
+        return [
+            Sample(
+                row=row,
+                start=reply["start"],
+                arrivals=r["arrivals"],
+                completion_tokens=len(r["arrivals"]),
+                prompt_tokens=r["prompt_tokens"],
+                error=None,
+            )
+            for r in reply["replies"]
+        ]
+
     def run(self, workload: str, round_: int, timeout: float) -> Result:
+        if workload == "concurrent":
+            n = self.args.stream_counts[round_]
+            row = concurrent_row(n, self.args)
+            if self.dead:
+                return [Sample(row=row, start=0.0, error=self.dead)], ""
+            try:
+                return self.batch(self.plan.concurrent[n], row, timeout), ""
+            except RuntimeError:
+                return [Sample(row=row, start=0.0, error=self.dead)], ""
         row = self.ROWS[workload]
         if self.dead:
             return [Sample(row=row, start=0.0, error=self.dead)], ""
@@ -642,11 +693,12 @@ class Bench:
                 preexec_fn=_PREEXEC,
             )
         try:
-            system = RawSystem(name, proc, log_path, self.plan)
+            system = RawSystem(name, proc, log_path, self.plan, self.args)
             ready = system.read(lambda line: line.startswith("READY"), self.args.start_timeout)
             info = json.loads(ready.removeprefix("READY"))
             system.request(self.plan.warmup[0], "warm-up", self.args.timeout)
-            yield system, f"BLAS: {info['blas']}; weights: {info['weights']}"
+            device = f"device: {info['device']}; " if "device" in info else ""
+            yield system, f"{device}BLAS: {info['blas']}; weights: {info['weights']}"
         finally:
             if proc.stdin is not None:
                 with contextlib.suppress(OSError):
@@ -750,7 +802,6 @@ def ratios(rows: Sequence[Row], args: argparse.Namespace) -> list[tuple[str, flo
     def ratio(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None or b == 0 else a / b
 
-    conc = f"{args.streams} streams, mixed"
     tiny = "tiny model: " if args.tiny else ""
     single_target = ">= 0.9" if args.tiny else ">= 0.95"
     out: list[tuple[str, float | None, str]] = []
@@ -779,28 +830,38 @@ def ratios(rows: Sequence[Row], args: argparse.Namespace) -> list[tuple[str, flo
                 "(0.73 seen, tiny)" if args.tiny and server == "mlx_lm_server" else "",
             )
         )
-    ours_agg = get("ours", conc, "aggregate_tok_s")
-    out.append(
-        (
-            f"ours {args.streams}-stream aggregate / mlx_lm.server (as shipped)",
-            ratio(ours_agg, get("mlx_lm_server", conc, "aggregate_tok_s")),
-            "" if args.tiny else ">= 3",
+    for n in args.stream_counts:
+        conc = concurrent_row(n, args)
+        ours_agg = get("ours", conc, "aggregate_tok_s")
+        out.append(
+            (
+                f"ours {n}-stream aggregate / mlx_lm.server (as shipped)",
+                ratio(ours_agg, get("mlx_lm_server", conc, "aggregate_tok_s")),
+                "" if args.tiny else ">= 3",
+            )
         )
-    )
-    out.append(
-        (
-            f"ours {args.streams}-stream aggregate / mlx_lm.server fp32",
-            ratio(ours_agg, get("mlx_lm_server_fp32", conc, "aggregate_tok_s")),
-            "",
+        out.append(
+            (
+                f"ours {n}-stream aggregate / mlx_lm.server fp32",
+                ratio(ours_agg, get("mlx_lm_server_fp32", conc, "aggregate_tok_s")),
+                "",
+            )
         )
-    )
-    out.append(
-        (
-            f"ours {args.streams}-stream aggregate tok/s (absolute)",
-            ours_agg,
-            "> 55 (llama.cpp)" if not args.tiny else "",
+        for raw in ("raw_shipped", "raw_fp32"):
+            out.append(
+                (
+                    f"ours {n}-stream aggregate / {SHORT_NAMES[raw]} (BatchGenerator)",
+                    ratio(ours_agg, get(raw, conc, "aggregate_tok_s")),
+                    "",
+                )
+            )
+        out.append(
+            (
+                f"ours {n}-stream aggregate tok/s (absolute)",
+                ours_agg,
+                "> 55 (llama.cpp)" if not args.tiny else "",
+            )
         )
-    )
     out.append(
         (
             f"ours TTFT, {args.long_tokens}-token cold prompt (s)",
@@ -852,7 +913,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--tokens", type=int, help="tokens per long reply (default 64, tiny 256; quick 8)"
     )
-    parser.add_argument("--streams", type=int, help="concurrent streams (default 8; quick 4)")
+    parser.add_argument(
+        "--streams", help="concurrent streams, or a comma-separated list (default 8; quick 4)"
+    )
+    parser.add_argument(
+        "--mix",
+        choices=("mixed", "uniform"),
+        default="mixed",
+        help="concurrent requests: short and long chats (mixed), or all short chats of "
+        "--tokens tokens (uniform)",
+    )
     parser.add_argument("--long-chat-tokens", type=int, help="history of a long chat (256; 96)")
     parser.add_argument("--conversations", type=int, help="multi-turn conversations (2; 1)")
     parser.add_argument("--turns", type=int, help="turns per conversation (4; 2)")
@@ -868,10 +938,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--settle", type=float, default=0.5, help="pause between measurements (seconds)"
     )
     parser.add_argument("--json", type=Path, help="also write every row here")
+    parser.add_argument("--log-dir", type=Path, help="copy every system's log here at the end")
     args = parser.parse_args(argv)
     defaults = {
         "tokens": (64, 8),
-        "streams": (8, 4),
+        "streams": ("8", "4"),
         "long_chat_tokens": (256, 96),
         "conversations": (2, 1),
         "turns": (4, 2),
@@ -896,6 +967,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             if s not in systems:
                 systems.append(s)
     args.system_list = systems
+    try:
+        args.stream_counts = [int(n) for n in str(args.streams).split(",") if n.strip()]
+    except ValueError:
+        parser.error(f"--streams: not a number or list of numbers: {args.streams!r}")
+    if not args.stream_counts or min(args.stream_counts) < 1:
+        parser.error("--streams: at least one count, each >= 1")
+    args.streams = args.stream_counts[0]
     args.workload_list = [w.strip() for w in args.workloads.split(",") if w.strip()]
     for w in args.workload_list:
         if w not in WORKLOADS:
@@ -912,7 +990,13 @@ def _progress(message: str) -> None:
 
 
 def rounds(workload: str, args: argparse.Namespace) -> int:
+    if workload == "concurrent":
+        return len(args.stream_counts)
     return args.repeats if workload == "single" else 1
+
+
+def concurrent_row(n: int, args: argparse.Namespace) -> str:
+    return f"{n} streams, {args.mix}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -924,6 +1008,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples: dict[tuple[str, str], list[Sample]] = {}
     row_notes: dict[tuple[str, str], set[str]] = {}
     failed = False
+    interrupted = False
     with tempfile.TemporaryDirectory(prefix="mlx-bench-") as tmp_name:
         tmp = Path(tmp_name)
         t0 = time.perf_counter()
@@ -932,44 +1017,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench = Bench(args, plan, model_dir, fp32_dir, eos_ids(model_dir), tmp)
         _progress(f"models ready in {time.perf_counter() - t0:.1f}s")
         with contextlib.ExitStack() as stack:
-            # Start (and warm up) every system first, one at a time; idle, each uses no CPU.
-            systems: dict[str, System] = {}
-            for name in args.system_list:
-                t1 = time.perf_counter()
-                try:
-                    systems[name], notes[name] = stack.enter_context(bench.start(name))
-                except Exception as exc:  # one broken system still leaves a table
-                    _progress(f"{name} failed to start: {exc}")
-                    notes[name] = f"FAILED: {str(exc).splitlines()[0][:200]}"
-                    failed = True
-                    continue
-                _progress(f"{name}: started and warmed up in {time.perf_counter() - t1:.1f}s")
-            # Then every round of every workload on each system in turn: the shared machine's
-            # load drifts, and interleaving spreads that drift over all systems alike.
-            for workload in args.workload_list:
-                for round_ in range(rounds(workload, args)):
-                    for name, system in systems.items():
-                        if not system.supports(workload):
-                            continue
-                        t1 = time.perf_counter()
-                        try:
-                            if isinstance(system, RawSystem):
-                                got, note = system.run(workload, round_, args.timeout)
-                            else:
-                                got, note = system.run(workload, round_)
-                        except Exception as exc:
-                            got, note = [], f"{type(exc).__name__}: {exc}"[:200]
-                            failed = True
-                        for sample in got:
-                            sample.round_ = round_
-                            samples.setdefault((name, sample.row), []).append(sample)
-                            if note:
-                                row_notes.setdefault((name, sample.row), set()).add(note)
-                        _progress(
-                            f"{name}: {workload} #{round_ + 1} in "
-                            f"{time.perf_counter() - t1:.1f}s {note}"
-                        )
-                        time.sleep(args.settle)
+            try:
+                # Start (and warm up) every system first, one at a time; idle, each uses no CPU.
+                systems: dict[str, System] = {}
+                for name in args.system_list:
+                    t1 = time.perf_counter()
+                    try:
+                        systems[name], notes[name] = stack.enter_context(bench.start(name))
+                    except Exception as exc:  # one broken system still leaves a table
+                        _progress(f"{name} failed to start: {exc}")
+                        notes[name] = f"FAILED: {str(exc).splitlines()[0][:200]}"
+                        failed = True
+                        continue
+                    _progress(f"{name}: started and warmed up in {time.perf_counter() - t1:.1f}s")
+                # Then every round of every workload on each system in turn: the shared machine's
+                # load drifts, and interleaving spreads that drift over all systems alike.
+                for workload in args.workload_list:
+                    for round_ in range(rounds(workload, args)):
+                        for name, system in systems.items():
+                            if not system.supports(workload):
+                                continue
+                            t1 = time.perf_counter()
+                            try:
+                                if isinstance(system, RawSystem):
+                                    got, note = system.run(workload, round_, args.timeout)
+                                else:
+                                    got, note = system.run(workload, round_)
+                            except Exception as exc:
+                                got, note = [], f"{type(exc).__name__}: {exc}"[:200]
+                                failed = True
+                            for sample in got:
+                                sample.round_ = round_
+                                samples.setdefault((name, sample.row), []).append(sample)
+                                if note:
+                                    row_notes.setdefault((name, sample.row), set()).add(note)
+                            _progress(
+                                f"{name}: {workload} #{round_ + 1} in "
+                                f"{time.perf_counter() - t1:.1f}s {note}"
+                            )
+                            time.sleep(args.settle)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the systems, report so far
+                _progress("interrupted: stopping the systems; the table holds what ran")
+                interrupted = True
+                failed = True
+        if args.log_dir:  # the systems have stopped: their logs are complete
+            args.log_dir.mkdir(parents=True, exist_ok=True)
+            for log in tmp.glob("*.log"):
+                shutil.copy(log, args.log_dir / log.name)
     rows = [
         summarize(system, row, group, "; ".join(sorted(row_notes.get((system, row), ()))))
         for (system, row), group in samples.items()
@@ -977,7 +1071,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     order = {s: i for i, s in enumerate(args.system_list)}
     row_order = [
         "1 stream",
-        f"{args.streams} streams, mixed",
+        *(concurrent_row(n, args) for n in args.stream_counts),
         "multi-turn, turn 1",
         "multi-turn, turns 2+",
         "long prompt, cold",
@@ -994,7 +1088,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{'tiny random llama' if args.tiny else (args.model or 'default (SmolLM2-135M Q4 GGUF)')}"
     )
     print(
-        f"tokens {args.tokens}, streams {args.streams}, turns {args.conversations}x{args.turns}, "
+        ("INTERRUPTED before the end; " if interrupted else "")
+        + f"tokens {args.tokens}, streams {','.join(map(str, args.stream_counts))} ({args.mix}), "
+        f"turns {args.conversations}x{args.turns}, "
         f"long prompt {args.long_tokens}, prefix {args.prefix_tokens}; greedy, EOS ignored"
     )
     for system in args.system_list:

@@ -5,7 +5,8 @@ made before MLX is first imported (a BLAS preloaded after `import mlx` changes n
         mlx-lm's own generation (`generate_step`), no HTTP: the ceiling. `shipped` loads the
         weights as stored with MLX's bundled BLAS; `fp32` preloads the system OpenBLAS and runs
         float32 weights, as our server does on the CPU. Requests and replies are JSON lines on
-        stdin and stdout.
+        stdin and stdout; a {"batch": [...]} line runs all its requests at once through
+        mlx-lm's `BatchGenerator` (continuous batching, as mlx_lm.server batches).
     python -m bench.workers mlx-lm-server --blas openblas -- ARGS...
         `mlx_lm.server` with the system OpenBLAS preloaded (to serve float32 weights on the same
         footing as our server).
@@ -24,6 +25,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def _preload_openblas() -> str:
@@ -56,9 +58,13 @@ def raw(model_dir: str, variant: str) -> None:
     def greedy(logprobs: mx.array) -> mx.array:
         return mx.argmax(logprobs, axis=-1)
 
-    print("READY " + json.dumps({"blas": blas, "weights": weights}), flush=True)
+    info = {"blas": blas, "weights": weights, "device": str(mx.default_device())}
+    print("READY " + json.dumps(info), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
+        if "batch" in request:
+            print(json.dumps(_batch(model, tokenizer, request["batch"], greedy)), flush=True)
+            continue
         ids = tokenizer.apply_chat_template(request["messages"], add_generation_prompt=True)
         arrivals: list[float] = []
         start = time.perf_counter()
@@ -68,6 +74,38 @@ def raw(model_dir: str, variant: str) -> None:
             arrivals.append(time.perf_counter())
         reply = {"start": start, "arrivals": arrivals, "prompt_tokens": len(ids)}
         print(json.dumps(reply), flush=True)
+
+
+def _batch(model: Any, tokenizer: Any, requests: list[dict[str, Any]], sampler: Any) -> dict:
+    """Every request inserted at once into mlx-lm's BatchGenerator, no stop tokens (EOS
+    ignored); the time of every token of every request as the generator yields it."""
+    from mlx_lm.generate import BatchGenerator
+
+    prompts = [
+        tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True) for r in requests
+    ]
+    start = time.perf_counter()
+    gen = BatchGenerator(
+        model, sampler=sampler, completion_batch_size=max(len(prompts), 1), stop_tokens=None
+    )
+    try:
+        uids = gen.insert(prompts, [r["max_tokens"] for r in requests])
+        arrivals: dict[int, list[float]] = {uid: [] for uid in uids}
+        pending = set(uids)
+        while pending:
+            responses = gen.next_generated()
+            now = time.perf_counter()
+            for resp in responses:
+                arrivals[resp.uid].append(now)
+                if resp.finish_reason is not None:
+                    pending.discard(resp.uid)
+    finally:
+        gen.close()
+    replies = [
+        {"arrivals": arrivals[uid], "prompt_tokens": len(p)}
+        for uid, p in zip(uids, prompts, strict=True)
+    ]
+    return {"start": start, "replies": replies}
 
 
 def fp32_dir(src: Path, dst: Path) -> str:

@@ -51,6 +51,16 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 32 << 20
     record_trace: str | None = None
+    model_memory_bytes: int = 0
+    parallel: str = "auto"
+    rank_timeout: float = 15.0
+    # The second and later `--model` values (several models in one server).
+    more_models: tuple[str, ...] = ()
+
+    @property
+    def models(self) -> tuple[str | None, ...]:
+        """Every model to serve, the first (default) one first; None is the bundled model."""
+        return (self.model, *self.more_models)
 
 
 class _BadValue(ValueError):
@@ -207,6 +217,7 @@ class _Option:
     help: str
     metavar: str
     shown_default: str
+    repeatable: bool = False
 
     @property
     def flag(self) -> str:
@@ -223,9 +234,12 @@ _OPTIONS: tuple[_Option, ...] = (
         _model,
         "Model to serve: a local MLX model directory, a .gguf file, or a Hugging Face "
         "repo id (fetched through the Hugging Face cache, ~/.cache/huggingface/hub). "
-        "When unset, the bundled default model is served.",
+        "When unset, the bundled default model is served. Give it more than once (or "
+        "comma-separated in the environment) to serve several models; NAME=PATH_OR_REPO "
+        "names one. The first is the default model.",
         "PATH_OR_REPO",
         "unset, i.e. the bundled default model",
+        repeatable=True,
     ),
     _Option("host", _text("host"), "Address to bind.", "HOST", "0.0.0.0"),
     _Option("port", _port, "Port to bind (1-65535).", "PORT", "8000"),
@@ -343,13 +357,39 @@ _OPTIONS: tuple[_Option, ...] = (
         "FILE",
         "none (not recording)",
     ),
+    _Option(
+        "model_memory_bytes",
+        _size,
+        "Memory budget for the weights of the models loaded at once (with several --model): "
+        "bytes or a suffix such as 8G; the least recently used idle model is unloaded to make "
+        "room. 0 means three quarters of the machine's memory.",
+        "SIZE",
+        "0 (three quarters of memory)",
+    ),
+    _Option(
+        "parallel",
+        _choice("parallel mode", ("auto", "tensor", "pipeline")),
+        "Distributed serving (under mlx.launch): how the model is split over the ranks. tensor "
+        "splits every layer (needs head counts divisible by the ranks); pipeline gives each "
+        "rank a run of layers; auto picks tensor when it can.",
+        "auto|tensor|pipeline",
+        "auto",
+    ),
+    _Option(
+        "rank_timeout",
+        _timeout,
+        "Distributed serving: seconds a rank may stay silent on the control connection before "
+        "it counts as dead (the server then ends its requests with an error and exits).",
+        "SECONDS",
+        "15",
+    ),
 )
 
 # Environment variables read, in order, for each field (the first set one wins).
 _ENV_NAMES: dict[str, tuple[str, ...]] = {o.field: (o.env,) for o in _OPTIONS}
 _ENV_NAMES["log_level"] = ("MLX_SERVER_LOG_LEVEL", "LOG_LEVEL")
 
-assert {o.field for o in _OPTIONS} == {f.name for f in attrs.fields(Settings)}
+assert {o.field for o in _OPTIONS} | {"more_models"} == {f.name for f in attrs.fields(Settings)}
 
 
 def _version() -> str:
@@ -398,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
             dest=option.field,
             type=_flag_type(option),
             default=None,
+            action="append" if option.repeatable else "store",
             metavar=option.metavar,
             help=f"{option.help} [env: {envs}; default: {option.shown_default}]",
         )
@@ -427,8 +468,17 @@ def load_settings(
             if raw is None or raw == "":
                 continue
             try:
-                values[option.field] = option.convert(raw)
+                if option.repeatable:
+                    parts = [p for p in raw.split(",") if p.strip()]
+                    values[option.field] = [option.convert(p) for p in parts] or None
+                else:
+                    values[option.field] = option.convert(raw)
             except _BadValue as exc:
                 parser.error(f"{name}: {exc}")
             break
+    models = values.pop("model", None)
+    if models:
+        values["model"], values["more_models"] = models[0], tuple(models[1:])
+        if len(set(models)) != len(models):
+            parser.error(f"--model: the same model is given twice: {models}")
     return Settings(**values)

@@ -7,6 +7,7 @@ data, and the tuples inside them are immutable so a message can cross threads sa
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 import attrs
@@ -62,6 +63,57 @@ class PromptSpec:
     add_generation_prompt: bool = True
     tools_json: str | None = None
     template_kwargs_json: str | None = None
+    prefill: str = ""  # text the assistant turn starts with (a forced tool call's markup)
+
+
+ConstraintKind = Literal["json_object", "json_schema", "regex", "lark"]
+
+
+@attrs.frozen(kw_only=True)
+class ConstraintSpec:
+    """A grammar the generated text must follow, enforced by masking tokens at every step
+    (`engine.constrain` compiles it; its docstring documents each kind).
+
+    `source` is the JSON text of a JSON Schema (`json_schema`), a regular expression (`regex`),
+    a Lark grammar in llguidance's dialect (`lark`, which may embed `%json {schema}`), or ""
+    (`json_object`: any JSON object). Build one with the class methods below; check it with
+    `Frontend.check_constraint` (off the event loop) before starting a stream."""
+
+    kind: ConstraintKind
+    source: str = ""
+
+    @classmethod
+    def json_object(cls) -> ConstraintSpec:
+        return cls(kind="json_object")
+
+    @classmethod
+    def json_schema(cls, schema: object) -> ConstraintSpec:
+        """`schema`: a JSON Schema as parsed JSON (a dict) or as JSON text. Key order is kept:
+        properties are generated in the schema's order."""
+        text = schema if isinstance(schema, str) else json.dumps(schema)
+        return cls(kind="json_schema", source=text)
+
+    @classmethod
+    def regex(cls, pattern: str) -> ConstraintSpec:
+        return cls(kind="regex", source=pattern)
+
+    @classmethod
+    def lark(cls, grammar: str) -> ConstraintSpec:
+        return cls(kind="lark", source=grammar)
+
+
+@attrs.frozen(kw_only=True)
+class OutputSpec:
+    """How the stream layer reads a generation besides detokenizing it (`mlx_server.tools`):
+    parse tool calls (when `tools_json` is set: the request's tools, for their schemas) and
+    split `<think>` reasoning ("split": as ReasoningDelta; "drop": discarded; "off": left in
+    the text). `prefill` is markup the prompt already ends with (a forced tool call's start),
+    read before the generated text; `max_calls` 1 keeps only the first call."""
+
+    tools_json: str | None = None
+    reasoning: Literal["split", "drop", "off"] = "split"
+    prefill: str = ""
+    max_calls: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -75,6 +127,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    constraint: ConstraintSpec | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,6 +288,32 @@ class TextDelta:
 
 
 @attrs.frozen(kw_only=True)
+class ReasoningDelta:
+    """New reasoning text (what the model wrote inside `<think>…</think>`)."""
+
+    text: str
+
+
+@attrs.frozen(kw_only=True)
+class ToolCallStart:
+    """A tool call was parsed: its position among this generation's calls, a fresh id (hex;
+    each API adds its own prefix) and the function's name. Its arguments follow."""
+
+    index: int
+    call_id: str
+    name: str
+
+
+@attrs.frozen(kw_only=True)
+class ToolCallArgsDelta:
+    """A fragment of a tool call's arguments (JSON object text); the fragments of one call
+    concatenate to its complete arguments."""
+
+    index: int
+    arguments: str
+
+
+@attrs.frozen(kw_only=True)
 class Heartbeat:
     """The prompt is still being processed; lets SSE send a keepalive."""
 
@@ -257,4 +336,6 @@ class Failed:
     status: int = 500
 
 
-StreamEvent = TextDelta | Heartbeat | Finished | Failed
+StreamEvent = (
+    TextDelta | ReasoningDelta | ToolCallStart | ToolCallArgsDelta | Heartbeat | Finished | Failed
+)

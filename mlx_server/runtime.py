@@ -8,7 +8,6 @@ SIGINT/SIGTERM stop accepting connections, give in-flight requests a grace perio
 from __future__ import annotations
 
 import logging
-import math
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -16,21 +15,24 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from .actors.cache import CacheManager
-from .actors.executor import Executor
-from .actors.frontend import Frontend
-from .actors.scheduler import Scheduler
+from .actors.models import ModelPool, make_slots
+from .actors.models import specs as model_specs
 from .api.app import create_app
 from .api.metrics import metrics_of
 from .api.state import ServerState
 from .config import Settings
+from .distributed import launch as distributed
 from .engine import model as model_loading
-from .messages import ExecutorCommand
 
 log = logging.getLogger("mlx_server")
 
 
 def run(settings: Settings) -> int:
+    launch = distributed.detect()
+    if launch is not None and launch.rank > 0:  # distributed serving: a worker rank
+        from .distributed import worker
+
+        return worker.run(settings, launch)
     trio.run(serve, settings)
     return 0
 
@@ -53,7 +55,9 @@ async def serve(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the whole server until the shutdown trigger fires (default: SIGINT or SIGTERM)."""
-    model_loading.precheck(settings.model)
+    for spec in model_specs(settings):
+        model_loading.precheck(spec)
+    make_slots(settings)  # two models with one name: a usage error before anything starts
     server_state = ServerState()
     app = create_app(settings, server_state)
     stop_http = trio.Event()
@@ -79,44 +83,15 @@ async def serve(
         for bind in binds:
             log.info("listening on %s", bind)
 
-        executor: Executor
-
-        def to_executor(command: ExecutorCommand) -> None:
-            executor.send(command)
-
-        cache = CacheManager(settings.prompt_cache_bytes, to_executor)
-        scheduler = Scheduler(
-            to_executor,
-            cache,
-            max_running=settings.max_batch_size,
-            max_waiting=settings.max_queue,
-        )
-        executor = Executor(
-            lambda: model_loading.load(
-                settings.model,
-                served_name=settings.served_model_name,
-                cpu_dequantize=settings.cpu_dequantize,  # type: ignore[arg-type]
-            ),
-            on_output=scheduler.on_executor_output,
-            prefill_chunk=settings.prefill_chunk,
-            keep_caches=settings.prompt_cache_bytes > 0,
-        )
-        log.info("loading model %s", settings.model or model_loading.DEFAULT_MODEL_NAME)
-        loaded = await root.start(executor.serve)
-        await root.start(cache.serve)
-        await root.start(scheduler.serve)
-        scheduler.metrics = metrics_of(app)  # the app's /metrics collectors count generations
-        server_state.frontend = Frontend(
-            loaded,
-            scheduler,
-            root,
-            timeout=settings.timeout if settings.timeout > 0 else math.inf,
-            default_max_tokens=settings.max_tokens,
-            model_aliases=settings.model_aliases,
-            submit_job=executor.send,
-        )
+        metrics = metrics_of(app)  # the app's /metrics collectors count generations
+        rank0 = distributed.open_rank0(settings)  # None unless launched with several ranks
+        pool = ModelPool(settings, root, lambda: metrics, rank0=rank0)
+        if rank0 is not None:
+            root.start_soon(rank0.guard, pool, server_state, stop_http, http_done)
+        loaded = await pool.start()
+        server_state.models = pool
         server_state.status = "ok"
-        log.info("model %s ready (%s)", loaded.name, loaded.source)
+        log.info("serving %s", ", ".join(pool.names) if len(pool.slots) > 1 else loaded.model_name)
         task_status.started(binds)
 
         if shutdown_trigger is None:
@@ -129,10 +104,10 @@ async def serve(
         server_state.status = "stopping"
         stop_http.set()  # stop accepting connections; open ones may finish
         with trio.move_on_after(settings.shutdown_grace):
-            await scheduler.wait_idle()
-        if scheduler.running or scheduler.waiting:
-            log.info("grace period over; ending %d requests", scheduler.running + scheduler.waiting)
-            scheduler.fail_all("the server is shutting down")
+            await pool.wait_idle()
+        if pool.running or pool.waiting:
+            log.info("grace period over; ending %d requests", pool.running + pool.waiting)
+            pool.fail_all("the server is shutting down")
         # Let the last bytes (final chunks, error events) reach the clients.
         with trio.move_on_after(2.0):
             await http_done.wait()

@@ -11,6 +11,8 @@ MLX keeps a per-thread default stream, which is why this is one real `threading.
 
 from __future__ import annotations
 
+import collections
+import gc
 import logging
 import queue
 import threading
@@ -20,8 +22,9 @@ from typing import Any
 
 import trio
 
+from ..distributed.plan import Lockstep, StepPlan
 from ..engine.model import LoadedModel
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, ServiceUnavailable
 from ..messages import (
     Abort,
     Admit,
@@ -33,6 +36,37 @@ from ..messages import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class _Turns:
+    """A first-come, first-served lock. With several models loaded, each has its executor
+    thread; they take turns on MLX (one command batch or one step per turn), so MLX is never
+    entered by two threads at once and a busy model cannot starve another."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._waiters: collections.deque[threading.Lock] = collections.deque()
+        self._held = False
+
+    def __enter__(self) -> None:
+        with self._guard:
+            if not self._held:
+                self._held = True
+                return
+            baton = threading.Lock()
+            baton.acquire()
+            self._waiters.append(baton)
+        baton.acquire()  # the holder hands its turn over by releasing our baton
+
+    def __exit__(self, *exc: object) -> None:
+        with self._guard:
+            if self._waiters:
+                self._waiters.popleft().release()
+            else:
+                self._held = False
+
+
+MLX_TURNS = _Turns()
 
 
 class Job:
@@ -57,8 +91,12 @@ class Executor:
         on_output: Callable[[StepOutput], None],
         prefill_chunk: int = 512,
         keep_caches: bool = True,
+        lockstep: Lockstep | None = None,
     ) -> None:
         self._load = load
+        # Distributed serving (rank 0): each turn's commands go to the other ranks first.
+        self._lockstep = lockstep
+        self._reset = False
         self._on_output = on_output
         self._prefill_chunk = prefill_chunk
         self._keep_caches = keep_caches
@@ -87,6 +125,10 @@ class Executor:
         def thread_main() -> None:
             try:
                 self._run(token, on_loaded)
+                self.loaded = None
+                with MLX_TURNS:  # an unloaded model's memory goes back to the system
+                    gc.collect()
+                    _clear_mlx_cache()
             finally:
                 try:
                     token.run_sync_soon(done_event.set)
@@ -116,7 +158,8 @@ class Executor:
         on_loaded: Callable[[LoadedModel | None, BaseException | None], None],
     ) -> None:
         try:
-            loaded = self._load()
+            with MLX_TURNS:
+                loaded = self._load()
         except ModelLoadError as exc:
             token.run_sync_soon(on_loaded, None, exc)
             return
@@ -135,8 +178,11 @@ class Executor:
             vocab_size=_vocab_size(loaded),
             prefill_chunk=self._prefill_chunk,
             keep_caches=self._keep_caches,
+            tokenizer=loaded.tokenizer,
         )
         self.can_reuse_prefix = engine.can_reuse
+        if self._lockstep is not None:
+            engine.share_tokens = self._lockstep.share_tokens
         token.run_sync_soon(on_loaded, loaded, None)
 
         def post(out: StepOutput) -> None:
@@ -147,32 +193,48 @@ class Executor:
 
         while True:
             command = self._inbox.get() if not engine.has_work else _get_nowait(self._inbox)
-            stop = False
-            while command is not None:
-                if isinstance(command, Shutdown):
-                    stop = True
-                    break
-                self._handle(engine, loaded, command, post, token)
-                command = _get_nowait(self._inbox)
-            if stop:
+            with MLX_TURNS:
+                if self._turn(engine, loaded, command, post, token):
+                    return
+
+    def _turn(
+        self,
+        engine: Any,
+        loaded: LoadedModel,
+        command: ExecutorCommand | Job | None,
+        post: Callable[[StepOutput], None],
+        token: trio.lowlevel.TrioToken,
+    ) -> bool:
+        """Handle the commands waiting, then run one step; True once told to shut down."""
+        drained: list[Any] = []
+        while command is not None:
+            if isinstance(command, Shutdown):
+                self._publish(drained, stop=True)
                 ended = engine.abort_all()
                 if ended:
                     post(StepOutput(events=tuple(ended), batch_size=0))
-                return
-            if not engine.has_work:
-                continue
-            try:
-                events = engine.step()
-            except Exception as exc:
-                log.exception("executor step failed")
-                message = f"generation failed: {type(exc).__name__}: {exc}"
-                failed = [
-                    SequenceFailed(request_id=s.request_id, message=message)
-                    for s in engine.abort_all("error")
-                ]
-                post(StepOutput(events=tuple(failed), batch_size=0))
-                continue
-            post(StepOutput(events=tuple(events), batch_size=len(engine.running)))
+                return True
+            if isinstance(command, Admit | Abort | ReleaseCache):
+                drained.append(command)
+            self._handle(engine, loaded, command, post, token)
+            command = _get_nowait(self._inbox)
+        self._publish(drained, step=engine.has_work)
+        if not engine.has_work:
+            return False
+        try:
+            events = engine.step()
+        except Exception as exc:
+            log.exception("executor step failed")
+            message = f"generation failed: {type(exc).__name__}: {exc}"
+            failed = [
+                SequenceFailed(request_id=s.request_id, message=message)
+                for s in engine.abort_all("error")
+            ]
+            self._reset = True  # the other ranks end their requests too
+            post(StepOutput(events=tuple(failed), batch_size=0))
+            return False
+        post(StepOutput(events=tuple(events), batch_size=len(engine.running)))
+        return False
 
     def _handle(
         self,
@@ -202,6 +264,8 @@ class Executor:
             engine.release(command.handles)
         elif isinstance(command, Job):
             try:
+                if self._lockstep is not None:  # the other ranks could not take part
+                    raise ServiceUnavailable("not available while the model is sharded over ranks")
                 result, error = command.fn(loaded), None
             except Exception as exc:
                 log.debug("job failed: %s", traceback.format_exc())
@@ -212,11 +276,26 @@ class Executor:
                 pass
 
 
+    def _publish(self, commands: list[Any], *, step: bool = False, stop: bool = False) -> None:
+        """Distributed serving: tell the other ranks what this turn does, before doing it."""
+        if self._lockstep is None or not (commands or step or stop or self._reset):
+            return
+        plan = StepPlan(commands=tuple(commands), step=step, reset=self._reset, stop=stop)
+        self._reset = False
+        self._lockstep.publish(plan)
+
+
 def _get_nowait(q: queue.SimpleQueue[Any]) -> Any:
     try:
         return q.get_nowait()
     except queue.Empty:
         return None
+
+
+def _clear_mlx_cache() -> None:
+    import mlx.core as mx
+
+    mx.clear_cache()
 
 
 def _vocab_size(loaded: LoadedModel) -> int:

@@ -8,14 +8,17 @@ in a worker thread so a long prompt never stalls the event loop.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import trio
 
+from ..engine.constrain import ConstraintError
+from ..engine.constrain import check as check_constraint
 from ..engine.embeddings import EmbeddingBatch, EmbeddingsUnsupported, hidden_size, plan_batches
 from ..engine.model import LoadedModel
 from ..errors import (
@@ -25,7 +28,9 @@ from ..errors import (
     RequestTimeout,
     ServiceUnavailable,
 )
-from ..messages import GenerationRequest, PromptSpec, StreamEvent
+from ..messages import ConstraintSpec, GenerationRequest, OutputSpec, PromptSpec, StreamEvent
+from ..tools.detect import OutputFormat, detect_format
+from ..tools.output import OutputParser
 from .executor import Job
 from .scheduler import EngineEvent, Scheduler
 from .stream import RequestStream
@@ -51,6 +56,8 @@ class Frontend:
         self.default_max_tokens = default_max_tokens
         self.vocab_size = loaded.tokenizer.vocab_size
         self.timeout = timeout
+        self.streams = 0  # stream actors alive
+        self._streams_done = trio.Event()
         self.model_name = loaded.name
         self.created = int(time.time())
         ctx = loaded.config.get("max_position_embeddings")
@@ -95,6 +102,20 @@ class Frontend:
             return spec.token_ids
         return await trio.to_thread.run_sync(self._render_and_encode, spec)
 
+    async def check_constraint(
+        self, spec: ConstraintSpec | None, *, param: str = "response_format"
+    ) -> None:
+        """Compile a structured-output constraint off the event loop, so one the engine cannot
+        enforce is a 400 naming `param` before any stream starts (the compiled grammar is
+        cached: the executor's own compile is then a copy)."""
+        if spec is None:
+            return
+        tok = self._loaded.tokenizer
+        try:
+            await trio.to_thread.run_sync(check_constraint, spec, tok)
+        except ConstraintError as exc:
+            raise InvalidRequest(str(exc), param=param) from None
+
     def _render_and_encode(self, spec: PromptSpec) -> tuple[int, ...]:
         tok = self._loaded.tokenizer
         if spec.chat is not None:
@@ -112,6 +133,10 @@ class Frontend:
             text = self._loaded.template.render(
                 messages, add_generation_prompt=spec.add_generation_prompt, tools=tools, **kwargs
             )
+            if spec.prefill:
+                if text.rstrip().endswith("<think>"):
+                    text += "\n</think>\n\n"  # a forced tool call comes without thinking
+                text += spec.prefill
             return tuple(tok.encode(text))
         return tuple(tok.encode(spec.text or "", add_special_tokens=True))
 
@@ -205,7 +230,33 @@ class Frontend:
 
         return await trio.to_thread.run_sync(work)
 
-    def start_stream(self, request: GenerationRequest) -> StreamHandle[StreamEvent]:
+    async def _counted(self, run: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run a stream actor, counted in `streams` (a model with streams is not idle)."""
+        self.streams += 1
+        try:
+            await run(*args)
+        finally:
+            self.streams -= 1
+            if not self.streams:
+                self._streams_done.set()
+                self._streams_done = trio.Event()
+
+    @property
+    def idle(self) -> bool:
+        """No request queued, running, or still streaming its last events."""
+        s = self._scheduler
+        return not (self.streams or s.running or s.waiting)
+
+    async def wait_idle(self) -> None:
+        while not self.idle:
+            if self.streams:
+                await self._streams_done.wait()
+            else:
+                await self._scheduler.wait_idle()
+
+    def start_stream(
+        self, request: GenerationRequest, output: OutputSpec | None = None
+    ) -> StreamHandle[StreamEvent]:
         """Submit a request and start its stream actor; raises Overloaded (before anything is
         sent to the client) when the server is full.
 
@@ -213,14 +264,14 @@ class Frontend:
         scope ever spans a response body's yields. Closing the handle (the response ended, or
         the client went away) cancels the actor, whose exit removes the request from the
         executor; a handle nobody closes still ends at the request's hard deadline."""
-        actor = self._actor(request, self._scheduler.submit(request))
+        actor = self._actor(request, self._scheduler.submit(request), output)
         out_send, out_recv = trio.open_memory_channel[StreamEvent](64)
         scope = trio.CancelScope()
-        self._nursery.start_soon(actor.run, out_send, scope)
+        self._nursery.start_soon(self._counted, actor.run, out_send, scope)
         return StreamHandle(out_recv, scope)
 
     def start_streams(
-        self, requests: Sequence[GenerationRequest]
+        self, requests: Sequence[GenerationRequest], output: OutputSpec | None = None
     ) -> StreamHandle[tuple[int, StreamEvent]]:
         """Several requests sharing one response (`n` > 1, several prompts): they are queued
         together (all or none: Overloaded aborts the ones already queued), batch together in
@@ -237,7 +288,8 @@ class Frontend:
         out_send, out_recv = trio.open_memory_channel[tuple[int, StreamEvent]](64)
         scope = trio.CancelScope()
         self._nursery.start_soon(
-            self._run_group, list(zip(requests, queued, strict=True)), out_send, scope
+            self._counted,
+            self._run_group, list(zip(requests, queued, strict=True)), out_send, scope, output
         )
         return StreamHandle(out_recv, scope)
 
@@ -246,6 +298,7 @@ class Frontend:
         members: list[tuple[GenerationRequest, trio.MemoryReceiveChannel[EngineEvent]]],
         out: trio.MemorySendChannel[tuple[int, StreamEvent]],
         scope: trio.CancelScope,
+        output: OutputSpec | None = None,
     ) -> None:
         async def forward(index: int, events: trio.MemoryReceiveChannel[StreamEvent]) -> None:
             async with events:
@@ -257,12 +310,15 @@ class Frontend:
                 for index, (request, engine_events) in enumerate(members):
                     send, recv = trio.open_memory_channel[StreamEvent](64)
                     nursery.start_soon(
-                        self._actor(request, engine_events).run, send, trio.CancelScope()
+                        self._actor(request, engine_events, output).run, send, trio.CancelScope()
                     )
                     nursery.start_soon(forward, index, recv)
 
     def _actor(
-        self, request: GenerationRequest, events: trio.MemoryReceiveChannel[EngineEvent]
+        self,
+        request: GenerationRequest,
+        events: trio.MemoryReceiveChannel[EngineEvent],
+        output: OutputSpec | None = None,
     ) -> RequestStream:
         deadline = trio.current_time() + self.timeout if math.isfinite(self.timeout) else math.inf
         return RequestStream(
@@ -272,7 +328,37 @@ class Frontend:
             self._loaded.tokenizer,
             deadline=deadline,
             timeout=self.timeout,
+            output=self._output_parser(request, output),
+            keep_special=self._marker_ids if output is not None else frozenset(),
         )
+
+    # -- tool calls and reasoning (mlx_server.tools) ------------------------------------------
+
+    @functools.cached_property
+    def output_format(self) -> OutputFormat:
+        """The model's tool-call markup and reasoning style, from its type and template."""
+        return detect_format(self._loaded.config.get("model_type"), self._loaded.template.source)
+
+    @functools.cached_property
+    def _marker_ids(self) -> frozenset[int]:
+        """Special tokens that are tool-call markup ([TOOL_CALLS], <|python_tag|>): the
+        detokenizer keeps them so the parser sees them."""
+        tok = self._loaded.tokenizer
+        markers = ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "<|python_tag|>")
+        ids = (tok.token_to_id(m) for m in markers)
+        return frozenset(i for i in ids if i is not None) & tok.special_ids()
+
+    def _output_parser(
+        self, request: GenerationRequest, output: OutputSpec | None
+    ) -> OutputParser | None:
+        if output is None:
+            return None
+        tail_ids = list(request.prompt_ids[-32:])
+        tail = self._loaded.tokenizer.decode(tail_ids, skip_special_tokens=False)
+        if output.prefill and tail.endswith(output.prefill):
+            tail = tail[: len(tail) - len(output.prefill)]
+        parser = OutputParser(self.output_format, output, prompt_tail=tail)
+        return parser if parser.active else None
 
 
 T = TypeVar("T")

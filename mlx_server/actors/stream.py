@@ -31,6 +31,7 @@ from ..messages import (
     TokenOut,
     Usage,
 )
+from ..tools.output import OutputParser
 from .scheduler import EngineEvent, Scheduler
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,15 @@ class RequestStream:
         *,
         deadline: float,
         timeout: float,
+        output: OutputParser | None = None,
+        keep_special: frozenset[int] = frozenset(),
     ) -> None:
         self.request = request
         self._events = events
         self._scheduler = scheduler
         self._tokenizer = tokenizer
-        self._detok = StreamingDetokenizer(tokenizer)
+        self._detok = StreamingDetokenizer(tokenizer, keep_special=keep_special)
+        self._output = output  # tool calls and reasoning, when the request wants them
         self._stops = StopMatcher(request.stop)
         self._deadline = deadline
         self._timeout = timeout
@@ -97,8 +101,7 @@ class RequestStream:
                 self.completion_tokens += 1
                 text, stop = self._stops.feed(self._detok.add(event.token_id))
                 logprobs = self._logprobs(event)
-                if text or logprobs:
-                    await out.send(TextDelta(text=text, logprobs=logprobs))
+                await self._send_text(out, text, logprobs, final=stop is not None)
                 if stop is not None:
                     self._scheduler.abort(self.request.request_id)
                     await out.send(
@@ -115,8 +118,7 @@ class RequestStream:
                 self.cached_tokens = event.cached_tokens
                 tail, stop = self._stops.feed(self._detok.flush())
                 tail += "" if stop is not None else self._stops.flush()
-                if tail:
-                    await out.send(TextDelta(text=tail))
+                await self._send_text(out, tail, (), final=True)
                 reason: FinishReason = "stop" if stop is not None else event.finish_reason
                 await out.send(
                     Finished(finish_reason=reason, usage=self._usage(), stop_sequence=stop)
@@ -130,6 +132,28 @@ class RequestStream:
             Failed(message="the server is shutting down", kind="overloaded_error", status=503)
         )
         return True
+
+    async def _send_text(
+        self,
+        out: trio.MemorySendChannel[StreamEvent],
+        text: str,
+        logprobs: tuple[TokenLogprob, ...],
+        *,
+        final: bool,
+    ) -> None:
+        """Send new text, through the tool-call / reasoning parser when there is one (its
+        events replace the text; the logprobs still go out, on an empty text delta)."""
+        if self._output is None:
+            if text or logprobs:
+                await out.send(TextDelta(text=text, logprobs=logprobs))
+            return
+        events = self._output.feed(text)
+        if final:
+            events.extend(self._output.finish())
+        for ev in events:
+            await out.send(ev)
+        if logprobs:
+            await out.send(TextDelta(text="", logprobs=logprobs))
 
     def _logprobs(self, event: TokenOut) -> tuple[TokenLogprob, ...]:
         if event.logprob is None:

@@ -4,10 +4,15 @@ Request shape -> chat template:
 
 - `system` (a string or text blocks) becomes a leading system turn.
 - Each message's `content` (a string or blocks) is flattened to text: text blocks are joined with
-  a blank line; `tool_use` and `tool_result` blocks become `<tool_use ...>` / `<tool_result ...>`
-  text (real tool calling comes later); `thinking` blocks of earlier turns are dropped, as
-  Anthropic drops them; images and documents are refused (text-only model). Consecutive turns of
-  one role are merged, as Anthropic does, so templates that insist on alternation still render.
+  a blank line; an assistant's `tool_use` blocks become the turn's `tool_calls` (OpenAI's shape,
+  arguments as an object, as templates expect) and a user's `tool_result` blocks become `tool`
+  turns (with `tool_call_id`; `is_error` results start with "Error: "), rendered by the model's
+  own template; `thinking` blocks of earlier turns are dropped, as Anthropic drops them; images
+  and documents are refused (text-only model). Consecutive turns of one role are merged, as
+  Anthropic does, so templates that insist on alternation still render.
+- `tool_choice` and `thinking` are planned by `api.tools` (see there: a forced call prefills the
+  start of the family's markup; without `thinking` enabled the reasoning is dropped and the
+  template gets `enable_thinking=False`).
 - A trailing assistant message is a prefill: the generation continues it and the response holds
   only the continuation. The template renders the whole chat without a generation prompt, and
   whatever the template wrote after the prefill (ChatML: `<|im_end|>\\n`) is cut off, token by
@@ -25,6 +30,8 @@ counting the prompt or breaking the `count_tokens` equality.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -40,15 +47,20 @@ from ..messages import (
     Finished,
     GenerationRequest,
     Heartbeat,
+    OutputSpec,
     PromptSpec,
+    ReasoningDelta,
     SamplingParams,
     TextDelta,
+    ToolCallArgsDelta,
+    ToolCallStart,
     Usage,
 )
 from . import outcome, sse
 from .errors import anthropic_error, anthropic_error_body
 from .params import Fields, json_body
-from .state import frontend
+from .state import models, use_model
+from .tools import Plan, ToolRequest, enforce, parse_anthropic_tool_choice, plan
 
 if TYPE_CHECKING:
     from ..actors.frontend import Frontend
@@ -81,6 +93,8 @@ class Prompt:
     chat: tuple[ChatMessage, ...]
     prefill: str | None = None
     tools_json: str | None = None
+    tool_request: ToolRequest | None = None
+    thinking: bool = False
 
 
 def _tool_result_text(content: Any, where: str) -> str:
@@ -191,7 +205,7 @@ def parse_prompt(body: dict[str, Any]) -> Prompt:
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise InvalidRequest("'messages' must be a non-empty array", param="messages")
-    turns: list[tuple[str, str]] = []
+    turns: list[ChatMessage] = []
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -205,28 +219,124 @@ def parse_prompt(body: dict[str, Any]) -> Prompt:
             )
         if "content" not in m:
             raise InvalidRequest(f"'{where}.content' is required", param=f"{where}.content")
-        text = _content_text(m["content"], f"{where}.content")
+        parts = _message_turns(role, m["content"], f"{where}.content")
         final_assistant = i == len(raw) - 1 and role == "assistant"
-        if not text and not final_assistant:
+        if not parts and not final_assistant:
             raise InvalidRequest(
                 f"'{where}.content' must be non-empty (only a final assistant message may be "
                 "empty)",
                 param=f"{where}.content",
             )
-        if turns and turns[-1][0] == role:
-            if text:
-                turns[-1] = (role, turns[-1][1] + _BLOCK_SEPARATOR + text)
-        else:
-            turns.append((role, text))
+        if not parts:
+            parts = [ChatMessage(role=role, content="")]
+        for part in parts:
+            _append_turn(turns, part)
     prefill: str | None = None
-    if turns[-1][0] == "assistant":
-        prefill = turns.pop()[1] or None
+    if turns[-1].role == "assistant" and not turns[-1].extra:
+        prefill = turns.pop().content or None
     chat: list[ChatMessage] = []
     system = _system_text(body.get("system"))
     if system is not None:
         chat.append(ChatMessage(role="system", content=system))
-    chat.extend(ChatMessage(role=role, content=text) for role, text in turns)
-    return Prompt(chat=tuple(chat), prefill=prefill, tools_json=_tools_json(body.get("tools")))
+    chat.extend(turns)
+    tools_json = _tools_json(body.get("tools"))
+    return Prompt(
+        chat=tuple(chat),
+        prefill=prefill,
+        tools_json=tools_json,
+        tool_request=parse_anthropic_tool_choice(body.get("tool_choice"), tools_json),
+        thinking=_thinking(body.get("thinking")),
+    )
+
+
+def _thinking(raw: Any) -> bool:
+    """Whether the request enables extended thinking (`budget_tokens` is accepted, not
+    enforced: the model stops thinking on its own)."""
+    if raw is None:
+        return False
+    if not isinstance(raw, dict) or raw.get("type") not in ("enabled", "disabled"):
+        raise InvalidRequest(
+            '\'thinking\' must be {"type": "enabled", "budget_tokens": N} or {"type": "disabled"}',
+            param="thinking",
+        )
+    if raw["type"] == "disabled":
+        return False
+    budget = raw.get("budget_tokens")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise InvalidRequest(
+            "'thinking.budget_tokens' must be a positive integer", param="thinking.budget_tokens"
+        )
+    return True
+
+
+def _message_turns(role: str, content: Any, where: str) -> list[ChatMessage]:
+    """One Anthropic message as template turns: a user's `tool_result` blocks become `tool`
+    turns (first, as Anthropic puts them), an assistant's `tool_use` blocks its `tool_calls`."""
+    if isinstance(content, str):
+        return [ChatMessage(role=role, content=content)] if content else []
+    if not isinstance(content, list):
+        raise InvalidRequest(f"'{where}' must be a string or a list of content blocks", param=where)
+    results: list[ChatMessage] = []
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for j, block in enumerate(content):
+        at = f"{where}[{j}]"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "tool_result" and role == "user":
+            assert isinstance(block, dict)
+            text = _tool_result_text(block.get("content"), f"{at}.content")
+            if block.get("is_error") is True:
+                text = f"Error: {text}"
+            call_id = block.get("tool_use_id")
+            if not isinstance(call_id, str):
+                raise InvalidRequest(
+                    f"'{at}.tool_use_id' must be a string", param=f"{at}.tool_use_id"
+                )
+            extra = (("tool_call_id", json.dumps(call_id)),)
+            results.append(ChatMessage(role="tool", content=text, extra=extra))
+        elif kind == "tool_use" and role == "assistant":
+            assert isinstance(block, dict)
+            name = block.get("name")
+            if not isinstance(name, str) or not name:
+                raise InvalidRequest(f"'{at}.name' must be a string", param=f"{at}.name")
+            args = block.get("input", {})
+            if not isinstance(args, dict):
+                raise InvalidRequest(f"'{at}.input' must be an object", param=f"{at}.input")
+            call: dict[str, Any] = {
+                "type": "function",
+                "function": {"name": name, "arguments": args},
+            }
+            if isinstance(block.get("id"), str):
+                call["id"] = block["id"]
+            calls.append(call)
+        else:
+            text = _block_text(block, at)
+            if text is not None:
+                texts.append(text)
+    out = list(results)
+    text = _BLOCK_SEPARATOR.join(t for t in texts if t)
+    if calls:
+        extra = (("tool_calls", json.dumps(calls, ensure_ascii=False)),)
+        out.append(ChatMessage(role=role, content=text or None, extra=extra))
+    elif text:
+        out.append(ChatMessage(role=role, content=text))
+    return out
+
+
+def _append_turn(turns: list[ChatMessage], turn: ChatMessage) -> None:
+    """Merge a turn into the previous one of the same role (not tool turns)."""
+    last = turns[-1] if turns else None
+    if last is None or last.role != turn.role or turn.role == "tool":
+        turns.append(turn)
+        return
+    content = _BLOCK_SEPARATOR.join(c for c in (last.content, turn.content) if c) or None
+    calls: list[Any] = []
+    for m in (last, turn):
+        for key, value in m.extra:
+            if key == "tool_calls":
+                calls.extend(json.loads(value))
+    extra = (("tool_calls", json.dumps(calls, ensure_ascii=False)),) if calls else ()
+    turns[-1] = ChatMessage(role=turn.role, content=content, extra=extra)
 
 
 def _model(body: dict[str, Any]) -> str:
@@ -259,18 +369,41 @@ def parse_sampling(f: Fields) -> SamplingParams:
 async def prompt_ids(fe: Frontend, prompt: Prompt) -> tuple[int, ...]:
     """The prompt's token ids: the one function behind both routes, so `count_tokens` always
     equals the `input_tokens` of the same request."""
+    p = prompt_plan(fe, prompt)
+    kwargs = p.template_kwargs_json
     if prompt.prefill is None:
-        return await fe.prompt_ids(PromptSpec(chat=prompt.chat, tools_json=prompt.tools_json))
+        return await fe.prompt_ids(
+            PromptSpec(
+                chat=prompt.chat,
+                tools_json=p.tools_json,
+                template_kwargs_json=kwargs,
+                prefill=p.prefill,
+            )
+        )
 
     def closed_turn(content: str) -> PromptSpec:
         turn = ChatMessage(role="assistant", content=content)
         return PromptSpec(
-            chat=(*prompt.chat, turn), add_generation_prompt=False, tools_json=prompt.tools_json
+            chat=(*prompt.chat, turn),
+            add_generation_prompt=False,
+            tools_json=p.tools_json,
+            template_kwargs_json=kwargs,
         )
 
-    full = await fe.prompt_ids(closed_turn(prompt.prefill))
+    full = await fe.prompt_ids(closed_turn(prompt.prefill + p.prefill))
     empty = await fe.prompt_ids(closed_turn(""))
     return full[: len(full) - _closing_length(full, empty)]
+
+
+def prompt_plan(fe: Frontend, prompt: Prompt) -> Plan:
+    """Tools for the template, the stream's parsing, a forced call's prefill, template kwargs:
+    reasoning is kept (as thinking blocks) only when the request enables thinking."""
+    return plan(
+        fe,
+        prompt.tool_request,
+        reasoning="split" if prompt.thinking else "drop",
+        enable_thinking=prompt.thinking,
+    )
 
 
 def _closing_length(full: tuple[int, ...], empty: tuple[int, ...]) -> int:
@@ -300,9 +433,11 @@ def usage_json(input_tokens: int, output_tokens: int) -> dict[str, Any]:
     }
 
 
-def stop_reason(finished: Finished) -> str:
+def stop_reason(finished: Finished, tool_use: bool = False) -> str:
     if finished.finish_reason == "length":
         return "max_tokens"
+    if tool_use and finished.stop_sequence is None:
+        return "tool_use"
     if finished.stop_sequence is not None:
         return "stop_sequence"
     return "end_turn"
@@ -315,13 +450,14 @@ def message_json(
     usage: Usage,
     finished: Finished | None,
 ) -> dict[str, Any]:
+    tool_use = any(block.get("type") == "tool_use" for block in content)
     return {
         "id": message_id,
         "type": "message",
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": stop_reason(finished) if finished else None,
+        "stop_reason": stop_reason(finished, tool_use) if finished else None,
         "stop_sequence": finished.stop_sequence if finished else None,
         "usage": usage_json(usage.prompt_tokens, usage.completion_tokens),
     }
@@ -332,17 +468,17 @@ def message_json(
 
 @bp.post("/v1/messages/count_tokens")
 async def count_tokens() -> Response | dict[str, Any]:
-    fe = frontend()
+    models()  # 503 until the server is ready
     body = await json_body()
     model = _model(body)
     prompt = parse_prompt(body)
-    fe.check_model(model)
+    fe = await use_model(model)
     return {"input_tokens": len(await prompt_ids(fe, prompt))}
 
 
 @bp.post("/v1/messages")
 async def create_message() -> Response | dict[str, Any]:
-    fe = frontend()
+    models()  # 503 until the server is ready
     body = await json_body()
     f = Fields(body)
     model = _model(body)
@@ -356,39 +492,143 @@ async def create_message() -> Response | dict[str, Any]:
     metadata = f.obj("metadata") or {}  # accepted; user_id is not used
     if metadata.get("user_id") is not None and not isinstance(metadata["user_id"], str):
         raise InvalidRequest("'metadata.user_id' must be a string", param="metadata.user_id")
-    fe.check_model(model)
+    fe = await use_model(model)
 
     ids = await prompt_ids(fe, prompt)
+    tool_plan = prompt_plan(fe, prompt)
     request = GenerationRequest(
         request_id=f"msg_{uuid.uuid4().hex}",
         prompt_ids=ids,
         sampling=sampling,
         max_tokens=fe.check_length(ids, max_tokens),
         stop=stop,
+        constraint=await enforce(fe, tool_plan),
     )
+    output = tool_plan.output
     if stream:
-        return await _stream_message(fe, request)
-    return await _complete_message(fe, request)
+        return await _stream_message(fe, request, output)
+    return await _complete_message(fe, request, output)
 
 
-async def _complete_message(fe: Frontend, request: GenerationRequest) -> Response | dict[str, Any]:
+def _signature(thinking: str) -> str:
+    """Thinking blocks carry a signature the SDK passes back; ours is a digest of the text
+    (the server does not check it: earlier thinking is dropped from prompts anyway)."""
+    return base64.b64encode(hashlib.sha256(thinking.encode()).digest()).decode()
+
+
+def _tool_input(arguments: str) -> dict[str, Any]:
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+async def _complete_message(
+    fe: Frontend, request: GenerationRequest, output: OutputSpec
+) -> Response | dict[str, Any]:
     texts: list[str] = []
+    thinking: list[str] = []
+    calls: list[dict[str, Any]] = []
+    args: list[list[str]] = []
     watch = outcome.current()
-    with fe.start_stream(request) as events:
+    with fe.start_stream(request, output) as events:
         async for ev in watch.observe(events, prompt_tokens=len(request.prompt_ids)):
             if isinstance(ev, TextDelta):
                 texts.append(ev.text)
+            elif isinstance(ev, ReasoningDelta):
+                thinking.append(ev.text)
+            elif isinstance(ev, ToolCallStart):
+                calls.append({"type": "tool_use", "id": f"toolu_{ev.call_id}", "name": ev.name})
+                args.append([])
+            elif isinstance(ev, ToolCallArgsDelta):
+                args[ev.index].append(ev.arguments)
             elif isinstance(ev, Failed):
                 return anthropic_error(ev.message, status=ev.status, kind=ev.kind)
             elif isinstance(ev, Finished):
-                content = [{"type": "text", "text": "".join(texts)}]
+                content: list[dict[str, Any]] = []
+                if thinking:
+                    text = "".join(thinking)
+                    content.append(
+                        {"type": "thinking", "thinking": text, "signature": _signature(text)}
+                    )
+                text = "".join(texts)
+                if calls:
+                    text = text.strip()
+                if text or not (calls or thinking):
+                    content.append({"type": "text", "text": text})
+                for call, parts in zip(calls, args, strict=True):
+                    content.append({**call, "input": _tool_input("".join(parts))})
                 return message_json(request.request_id, fe.model_name, content, ev.usage, ev)
     return anthropic_error("the generation ended without a result", status=500)
 
 
-async def _stream_message(fe: Frontend, request: GenerationRequest) -> Response:
+@attrs.define
+class _Blocks:
+    """The content blocks of a streamed message: each opened when its first delta comes
+    (thinking, text, tool_use), stopped before the next one starts."""
+
+    index: int = -1
+    kind: str | None = None
+    thinking: list[str] = attrs.field(factory=list)
+    tool_use: bool = False
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        return sse.event(kind, {"type": kind, **fields})
+
+    def open(self, block: dict[str, Any]) -> list[bytes]:
+        out = self.close()
+        self.index += 1
+        self.kind = block["type"]
+        return [*out, self._event("content_block_start", index=self.index, content_block=block)]
+
+    def close(self) -> list[bytes]:
+        if self.kind is None:
+            return []
+        out: list[bytes] = []
+        if self.kind == "thinking":
+            delta = {"type": "signature_delta", "signature": _signature("".join(self.thinking))}
+            out.append(self._event("content_block_delta", index=self.index, delta=delta))
+            self.thinking = []
+        out.append(self._event("content_block_stop", index=self.index))
+        self.kind = None
+        return out
+
+    def delta(self, delta: dict[str, Any]) -> bytes:
+        return self._event("content_block_delta", index=self.index, delta=delta)
+
+    def feed(
+        self, ev: TextDelta | ReasoningDelta | ToolCallStart | ToolCallArgsDelta
+    ) -> list[bytes]:
+        out: list[bytes] = []
+        if isinstance(ev, TextDelta):
+            if not ev.text:
+                return []
+            if self.kind != "text":
+                out += self.open({"type": "text", "text": ""})
+            out.append(self.delta({"type": "text_delta", "text": ev.text}))
+        elif isinstance(ev, ReasoningDelta):
+            if self.kind != "thinking":
+                out += self.open({"type": "thinking", "thinking": "", "signature": ""})
+            self.thinking.append(ev.text)
+            out.append(self.delta({"type": "thinking_delta", "thinking": ev.text}))
+        elif isinstance(ev, ToolCallStart):
+            self.tool_use = True
+            block = {"type": "tool_use", "id": f"toolu_{ev.call_id}", "name": ev.name, "input": {}}
+            out += self.open(block)
+        else:
+            out.append(self.delta({"type": "input_json_delta", "partial_json": ev.arguments}))
+        return out
+
+    def finish(self) -> list[bytes]:
+        if self.index < 0:  # nothing was said: one empty text block, as before
+            return [*self.open({"type": "text", "text": ""}), *self.close()]
+        return self.close()
+
+
+async def _stream_message(fe: Frontend, request: GenerationRequest, output: OutputSpec) -> Response:
     # Submit now so that a full queue is an HTTP error before any byte is sent.
-    handle = fe.start_stream(request)
+    handle = fe.start_stream(request, output)
     input_tokens = len(request.prompt_ids)
     events = outcome.current().observe(handle.events, prompt_tokens=input_tokens)
 
@@ -401,12 +641,11 @@ async def _stream_message(fe: Frontend, request: GenerationRequest) -> Response:
             message = message_json(request.request_id, fe.model_name, [], start, None)
             yield event("message_start", message=message)
             yield event("ping")
-            yield event("content_block_start", index=0, content_block={"type": "text", "text": ""})
+            blocks = _Blocks()
             async for ev in events:
-                if isinstance(ev, TextDelta):
-                    if ev.text:
-                        delta = {"type": "text_delta", "text": ev.text}
-                        yield event("content_block_delta", index=0, delta=delta)
+                if isinstance(ev, TextDelta | ReasoningDelta | ToolCallStart | ToolCallArgsDelta):
+                    for chunk in blocks.feed(ev):
+                        yield chunk
                 elif isinstance(ev, Heartbeat):
                     yield event("ping")
                 elif isinstance(ev, Failed):
@@ -414,8 +653,10 @@ async def _stream_message(fe: Frontend, request: GenerationRequest) -> Response:
                     yield sse.event("error", error)
                     break
                 elif isinstance(ev, Finished):
-                    yield event("content_block_stop", index=0)
-                    delta = {"stop_reason": stop_reason(ev), "stop_sequence": ev.stop_sequence}
+                    for chunk in blocks.finish():
+                        yield chunk
+                    reason = stop_reason(ev, blocks.tool_use)
+                    delta = {"stop_reason": reason, "stop_sequence": ev.stop_sequence}
                     usage = usage_json(ev.usage.prompt_tokens, ev.usage.completion_tokens)
                     yield event("message_delta", delta=delta, usage=usage)
                     yield event("message_stop")

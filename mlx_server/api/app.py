@@ -13,7 +13,7 @@ from .cors import install_cors
 from .errors import install_error_handlers
 from .metrics import install_metrics
 from .outcome import install_outcomes
-from .state import ServerState, frontend, state
+from .state import ServerState, install_model_pins, models, state
 
 
 def create_app(settings: Settings, server_state: ServerState) -> QuartTrio:
@@ -40,16 +40,30 @@ def create_app(settings: Settings, server_state: ServerState) -> QuartTrio:
     install_cors(app, settings.cors_origins)  # before access control: preflights need no key
     install_access_control(app, settings)
     _require_a_model(app)
+    install_model_pins(app)
     _close_after_unread_bodies(app)
 
     @app.get("/health")
     async def health() -> Response | tuple[dict[str, object], int]:
         st = state()
         body: dict[str, object] = {"status": st.status}
-        if st.frontend is not None:
-            body["model"] = st.frontend.model_name
-            body["running"] = st.frontend.scheduler.running
-            body["waiting"] = st.frontend.scheduler.waiting
+        pool = st.models
+        if pool is not None:
+            body["model"] = pool.default.name
+            body["running"] = pool.running
+            body["waiting"] = pool.waiting
+            if len(pool.slots) > 1:
+                body["models"] = [
+                    {
+                        "id": slot.name,
+                        "loaded": slot.loaded,
+                        "running": fe.scheduler.running if (fe := slot.frontend) else 0,
+                        "waiting": fe.scheduler.waiting if fe else 0,
+                        "bytes": slot.size,
+                    }
+                    for slot in pool.slots
+                ]
+                body["model_memory"] = {"budget": pool.budget, "loaded": pool.loaded_bytes()}
         return body, (200 if st.status == "ok" else 503)
 
     return app
@@ -62,7 +76,7 @@ def _require_a_model(app: Quart) -> None:
     @app.before_request
     async def _ready() -> None:
         if request.path.startswith("/v1/") and request.method != "OPTIONS":
-            frontend()  # raises ServiceUnavailable (503) until the model is ready
+            models()  # raises ServiceUnavailable (503) until the model is ready
 
 
 def _close_after_unread_bodies(app: Quart) -> None:

@@ -8,6 +8,8 @@ is a 429 before anything is sent) and batch together in the executor.
 Differences from OpenAI, on purpose:
 - `suffix` (insertion) is not supported: a non-empty suffix is a 400.
 - `best_of` must equal `n` (no server-side ranking of extra samples).
+- `response_format` (an extension, as in vLLM): as in chat completions, enforced by constrained
+  decoding.
 - `echo` with `logprobs`: the prompt's tokens are listed with a `null` log-probability (and a
   `null` top_logprobs entry); OpenAI leaves only the first one null. Prompt logprobs would need
   a second pass over the prompt.
@@ -44,7 +46,8 @@ from . import outcome, sse
 from .errors import openai_error, openai_error_body
 from .openai import SYSTEM_FINGERPRINT, parse_sampling, usage_json
 from .params import Fields, json_body, prompt_inputs
-from .state import frontend
+from .state import models, use_model
+from .structured import parse_response_format
 
 if TYPE_CHECKING:
     from ..actors.frontend import Frontend
@@ -272,10 +275,10 @@ async def _nothing_to_generate(
 
 @bp.post("/v1/completions")
 async def completions() -> Response | dict[str, Any]:
-    fe = frontend()
+    models()  # 503 until the server is ready
     body = await json_body()
     f = Fields(body)
-    fe.check_model(body.get("model"))
+    fe = await use_model(body.get("model"))
     specs = parse_prompts(body.get("prompt"))
     suffix = f.string("suffix")
     if suffix:
@@ -307,6 +310,8 @@ async def completions() -> Response | dict[str, Any]:
         )
     include_usage = bool((stream_options or {}).get("include_usage"))
     ignore_eos = f.boolean("ignore_eos", False)
+    constraint = parse_response_format(body.get("response_format"))  # an extension, as in vLLM
+    await fe.check_constraint(constraint)
 
     prompts: list[Prompt] = []
     for spec in specs:
@@ -328,6 +333,7 @@ async def completions() -> Response | dict[str, Any]:
                     max_tokens=max(1, min(max_tokens, room)),
                     stop=stop,
                     ignore_eos=ignore_eos,
+                    constraint=constraint,
                 )
             )
     render = CompletionRender(

@@ -19,7 +19,7 @@ from ..errors import InvalidRequest
 from ..messages import PromptSpec
 from . import outcome
 from .params import Fields, json_body, prompt_inputs
-from .state import frontend
+from .state import models, use_model
 
 bp = Blueprint("embeddings", __name__)
 
@@ -39,10 +39,10 @@ def encode_base64(vector: list[float]) -> str:
 
 @bp.post("/v1/embeddings")
 async def embeddings() -> Response | dict[str, Any]:
-    fe = frontend()
+    models()  # 503 until the server is ready
     body = await json_body()
     f = Fields(body)
-    fe.check_model(body.get("model"))
+    fe = await use_model(body.get("model"))
     specs = parse_inputs(body.get("input"))
     encoding = f.string("encoding_format", "float")
     if encoding not in ENCODING_FORMATS:

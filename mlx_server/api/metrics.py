@@ -98,10 +98,10 @@ class Metrics:
             self.rejected.labels(reason=reason)
 
     def _scheduler_count(self, which: str) -> float:
-        fe = self._state.frontend
-        if fe is None:
+        pool = self._state.models
+        if pool is None:
             return 0.0
-        return float(getattr(fe.scheduler, which))
+        return float(getattr(pool, which))
 
     # -- the GenerationMetrics sink --------------------------------------------------------
 

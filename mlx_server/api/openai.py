@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from quart import Blueprint, Response
@@ -18,16 +18,24 @@ from ..messages import (
     GenerationRequest,
     Heartbeat,
     PromptSpec,
+    ReasoningDelta,
     SamplingParams,
     StreamEvent,
     TextDelta,
     TokenLogprob,
+    ToolCallArgsDelta,
+    ToolCallStart,
     Usage,
 )
 from . import outcome, sse
 from .errors import openai_error, openai_error_body
 from .params import Fields, json_body
-from .state import frontend
+from .state import models, use_model
+from .structured import parse_response_format
+from .tools import enforce, parse_openai_tools, plan, template_tool_calls
+
+if TYPE_CHECKING:
+    from ..actors.models import ModelSlot
 
 bp = Blueprint("openai", __name__)
 
@@ -87,7 +95,10 @@ def parse_chat_messages(raw: Any) -> tuple[ChatMessage, ...]:
         extra: list[tuple[str, str]] = []
         for key in ("tool_calls", "tool_call_id", "reasoning_content"):
             if m.get(key) is not None:
-                extra.append((key, json.dumps(m[key])))
+                value = m[key]
+                if key == "tool_calls":
+                    value = template_tool_calls(value, f"{where}.tool_calls")
+                extra.append((key, json.dumps(value)))
         name = m.get("name") if isinstance(m.get("name"), str) else None
         out.append(
             ChatMessage(
@@ -167,33 +178,25 @@ def logprob_json(lp: TokenLogprob) -> dict[str, Any]:
 
 @bp.get("/v1/models")
 async def list_models() -> Response | dict[str, Any]:
-    fe = frontend()
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": fe.model_name,
-                "object": "model",
-                "created": fe.created,
-                "owned_by": "mlx-server",
-            }
-        ],
-    }
+    pool = models()
+    return {"object": "list", "data": [_model_json(slot) for slot in pool.slots]}
 
 
 @bp.get("/v1/models/<path:model_id>")
 async def get_model(model_id: str) -> Response | dict[str, Any]:
-    fe = frontend()
-    fe.check_model(model_id)
-    return {"id": fe.model_name, "object": "model", "created": fe.created, "owned_by": "mlx-server"}
+    return _model_json(models().resolve(model_id))
+
+
+def _model_json(slot: ModelSlot) -> dict[str, Any]:
+    return {"id": slot.name, "object": "model", "created": slot.created, "owned_by": "mlx-server"}
 
 
 @bp.post("/v1/chat/completions")
 async def chat_completions() -> Response | dict[str, Any]:
-    fe = frontend()
+    models()  # 503 until the server is ready
     body = await json_body()
     f = Fields(body)
-    fe.check_model(body.get("model"))
+    fe = await use_model(body.get("model"))
     chat = parse_chat_messages(body.get("messages"))
     stream = f.boolean("stream", False)
     n = f.integer("n", 1, lo=1, hi=MAX_N) or 1
@@ -215,15 +218,29 @@ async def chat_completions() -> Response | dict[str, Any]:
         raise InvalidRequest(
             "'stream_options' is only allowed when 'stream' is true", param="stream_options"
         )
-    rf = f.obj("response_format")
-    if rf is not None and rf.get("type") not in (None, "text"):
-        raise InvalidRequest(
-            f"response_format type {rf.get('type')!r} is not supported yet", param="response_format"
-        )
-    if body.get("tools"):
-        raise InvalidRequest("'tools' are not supported yet", param="tools")
+    constraint = parse_response_format(body.get("response_format"))
+    tool_request = parse_openai_tools(body)
+    template_kwargs = f.obj("chat_template_kwargs")
+    effort = f.string("reasoning_effort")
+    tool_plan = plan(
+        fe,
+        tool_request,
+        reasoning="split",
+        enable_thinking=False if effort == "none" else None,
+        template_kwargs=template_kwargs,
+    )
 
-    prompt_ids = await fe.prompt_ids(PromptSpec(chat=chat))
+    await fe.check_constraint(constraint)  # an unenforceable schema is a 400 up front
+    # A required / named tool call is a grammar too; it takes the place of response_format.
+    constraint = await enforce(fe, tool_plan) or constraint
+    prompt_ids = await fe.prompt_ids(
+        PromptSpec(
+            chat=chat,
+            tools_json=tool_plan.tools_json,
+            template_kwargs_json=tool_plan.template_kwargs_json,
+            prefill=tool_plan.prefill,
+        )
+    )
     limit = fe.check_length(prompt_ids, max_tokens or fe.default_max_tokens)
     base = GenerationRequest(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -232,6 +249,7 @@ async def chat_completions() -> Response | dict[str, Any]:
         max_tokens=limit,
         stop=stop,
         ignore_eos=f.boolean("ignore_eos", False),
+        constraint=constraint,
     )
     render = ChatRender(
         id=base.request_id,
@@ -244,11 +262,12 @@ async def chat_completions() -> Response | dict[str, Any]:
     requests = choice_requests(base, n)
     watch = outcome.current()
     if stream:
-        handle = fe.start_streams(requests)  # a full queue is a 429 before any byte is sent
+        # A full queue is a 429 before any byte is sent.
+        handle = fe.start_streams(requests, tool_plan.output)
         events = watch.observe(handle.events, prompt_tokens=len(prompt_ids), choices_per_prompt=n)
         body = render.stream(events)
         return Response(sse.ClosingBody(body, handle.close), status=200, headers=sse.SSE_HEADERS)
-    with fe.start_streams(requests) as events:
+    with fe.start_streams(requests, tool_plan.output) as events:
         watched = watch.observe(events, prompt_tokens=len(prompt_ids), choices_per_prompt=n)
         return await render.complete(watched)
 
@@ -270,7 +289,9 @@ def choice_requests(base: GenerationRequest, n: int) -> list[GenerationRequest]:
     return out
 
 
-def finish_reason(ev: Finished) -> str:
+def finish_reason(ev: Finished, tool_calls: bool = False) -> str:
+    if tool_calls and ev.finish_reason == "stop":
+        return "tool_calls"
     return ev.finish_reason if ev.finish_reason in ("stop", "length") else "stop"
 
 
@@ -298,12 +319,26 @@ class ChatRender:
         self, events: AsyncIterator[tuple[int, StreamEvent]]
     ) -> Response | dict[str, Any]:
         texts: list[list[str]] = [[] for _ in range(self.n)]
+        reasoning: list[list[str]] = [[] for _ in range(self.n)]
+        calls: list[list[dict[str, Any]]] = [[] for _ in range(self.n)]
         logprobs: list[list[dict[str, Any]]] = [[] for _ in range(self.n)]
         finished: dict[int, Finished] = {}
         async for index, ev in events:
             if isinstance(ev, TextDelta):
                 texts[index].append(ev.text)
                 logprobs[index].extend(logprob_json(lp) for lp in ev.logprobs)
+            elif isinstance(ev, ReasoningDelta):
+                reasoning[index].append(ev.text)
+            elif isinstance(ev, ToolCallStart):
+                calls[index].append(
+                    {
+                        "id": f"call_{ev.call_id}",
+                        "type": "function",
+                        "function": {"name": ev.name, "arguments": ""},
+                    }
+                )
+            elif isinstance(ev, ToolCallArgsDelta):
+                calls[index][ev.index]["function"]["arguments"] += ev.arguments
             elif isinstance(ev, Failed):
                 return openai_error(ev.message, status=ev.status, kind=ev.kind)
             elif isinstance(ev, Finished):
@@ -315,11 +350,11 @@ class ChatRender:
         choices = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": "".join(texts[i]), "refusal": None},
+                "message": message_json("".join(texts[i]), "".join(reasoning[i]), calls[i]),
                 "logprobs": {"content": logprobs[i], "refusal": None}
                 if self.want_logprobs
                 else None,
-                "finish_reason": finish_reason(finished[i]),
+                "finish_reason": finish_reason(finished[i], bool(calls[i])),
             }
             for i in range(self.n)
         ]
@@ -353,11 +388,26 @@ class ChatRender:
         for i in range(self.n):
             yield self._chunk(i, {"role": "assistant", "content": ""})
         finished: dict[int, Finished] = {}
+        with_calls: set[int] = set()
         async for index, ev in events:
             if isinstance(ev, TextDelta):
                 lps = [logprob_json(lp) for lp in ev.logprobs] if self.want_logprobs else None
                 if ev.text or lps:
                     yield self._chunk(index, {"content": ev.text}, lps=lps)
+            elif isinstance(ev, ReasoningDelta):
+                yield self._chunk(index, {"reasoning_content": ev.text})
+            elif isinstance(ev, ToolCallStart):
+                with_calls.add(index)
+                call = {
+                    "index": ev.index,
+                    "id": f"call_{ev.call_id}",
+                    "type": "function",
+                    "function": {"name": ev.name, "arguments": ""},
+                }
+                yield self._chunk(index, {"tool_calls": [call]})
+            elif isinstance(ev, ToolCallArgsDelta):
+                part = {"index": ev.index, "function": {"arguments": ev.arguments}}
+                yield self._chunk(index, {"tool_calls": [part]})
             elif isinstance(ev, Heartbeat):
                 yield sse.KEEPALIVE
             elif isinstance(ev, Failed):
@@ -365,7 +415,7 @@ class ChatRender:
                 break
             elif isinstance(ev, Finished):
                 finished[index] = ev
-                yield self._chunk(index, {}, finish_reason(ev))
+                yield self._chunk(index, {}, finish_reason(ev, index in with_calls))
                 if len(finished) == self.n:
                     if self.include_usage:
                         obj = self._envelope("chat.completion.chunk")
@@ -377,6 +427,18 @@ class ChatRender:
             message = "the generation ended without a result"
             yield sse.data(openai_error_body(message, status=500))
         yield sse.DONE
+
+
+def message_json(text: str, reasoning: str, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """A choice's message: `content` is null when the answer is only tool calls; reasoning
+    goes in `reasoning_content`, never in `content`."""
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if calls:
+        message["content"] = text.strip() or None
+        message["tool_calls"] = calls
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    return message
 
 
 def total_usage(finished: list[Finished]) -> Usage:

@@ -93,6 +93,34 @@ def _obj(properties: dict[str, Schema], required: Sequence[str] = (), **extra: A
     return schema
 
 
+def _response_format() -> Schema:
+    """Structured output (`api.structured`): plain text, any JSON object, or a JSON Schema,
+    enforced by constrained decoding; a schema that cannot be enforced is a 400."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": _nullable({"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}),
+            "strict": _boolean("Accepted; the schema is always enforced."),
+            "schema": {"type": "object", "description": "A JSON Schema."},
+            "description": {"description": "Accepted and ignored."},
+        },
+        "required": ["schema"],
+    }
+    return _nullable(
+        {
+            "anyOf": [
+                _obj({"type": {"enum": ["text", None]}}),
+                _obj({"type": {"const": "json_object"}}, required=["type"]),
+                _obj(
+                    {"type": {"const": "json_schema"}, "json_schema": schema},
+                    required=["type", "json_schema"],
+                ),
+            ],
+            "description": "Structured output, enforced by constrained decoding.",
+        }
+    )
+
+
 _REGEX_SPECIALS = set("\\^$.|?*+()[]{}")
 
 
@@ -305,11 +333,7 @@ class _Builder:
                     MAX_TOP_LOGPROBS,
                 ),
                 "stop": self.stop("Up to 4 stop sequences."),
-                "response_format": _nullable(
-                    _obj(
-                        {"type": {"enum": ["text", None], "description": "Only text for now."}},
-                    )
-                ),
+                "response_format": _response_format(),
                 "tools": {
                     "enum": [None, [], {}, "", 0, False],
                     "description": "Tool calling is not supported yet: any non-empty value is 400.",
@@ -361,6 +385,7 @@ class _Builder:
                 "stream": _boolean("Stream chunks as server-sent events."),
                 "stream_options": self.stream_options(),
                 "ignore_eos": _boolean("Keep generating past the end-of-sequence token."),
+                "response_format": _response_format(),
                 "user": {"description": "Accepted and ignored."},
             },
             required=["prompt"],
@@ -1236,14 +1261,16 @@ def install_openapi(app: Quart, settings: Settings) -> None:
 
     @app.get(DOCUMENT_PATH)
     async def _openapi() -> dict[str, Any]:
-        fe = state().frontend
-        if fe is None:
+        pool = state().models
+        if pool is None:
             return openapi_document(auth_required=settings.api_key is not None)
-        name = fe.model_name
+        names = [n for s in pool.slots for n in (s.name, s.name.rsplit("/", 1)[-1])]
+        fe = pool.default.frontend
+        single = fe is not None and len(pool.slots) == 1
         return openapi_document(
-            model_names=[name, name.rsplit("/", 1)[-1], "default"],
-            model_aliases=fe.model_aliases,
-            vocab_size=fe.vocab_size,
-            context_length=fe.context_length,
+            model_names=[*names, "default"],
+            model_aliases=pool.default.aliases,
+            vocab_size=fe.vocab_size if single and fe else None,
+            context_length=fe.context_length if single and fe else None,
             auth_required=settings.api_key is not None,
         )

@@ -6,15 +6,16 @@ Plain synchronous code that owns MLX state; only the executor thread calls it. O
    (each in its own single-sequence cache); a request whose prompt is done samples its first
    token and joins the decode batch, its cache merged into the batched KV cache;
 2. runs one forward pass over every request in the decode batch and samples one token each;
-3. retires requests that hit EOS, a stop token or their token limit, filtering them out of the
-   batch and (optionally) keeping their KV state for the prompt cache.
+3. retires requests that hit EOS, a stop token, their token limit or the end of their grammar
+   (structured output), filtering them out of the batch and (optionally) keeping their KV state
+   for the prompt cache.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import mlx.core as mx
@@ -31,7 +32,10 @@ from ..messages import (
     TokenOut,
     TopLogprob,
 )
+from .constrain import Constraint
+from .constrain import start as start_constraint
 from .sampling import RowSampler, sample_batch
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,14 @@ StepEvent = TokenOut | PrefillProgress | SequenceFinished
 class Sequence:
     """Executor-side state of one request."""
 
-    def __init__(self, request: GenerationRequest, cache: list[Any], cached: int, vocab: int):
+    def __init__(
+        self,
+        request: GenerationRequest,
+        cache: list[Any],
+        cached: int,
+        vocab: int,
+        constraint: Constraint | None = None,
+    ):
         self.request = request
         self.rid = request.request_id
         self.prompt = list(request.prompt_ids)
@@ -49,7 +60,7 @@ class Sequence:
         self.prefilled = cached
         self.cached_tokens = cached
         self.generated: list[int] = []
-        self.sampler = RowSampler(request.sampling, vocab)
+        self.sampler = RowSampler(request.sampling, vocab, constraint)
         self.stop_ids = frozenset(request.stop_token_ids)
 
 
@@ -64,8 +75,10 @@ class BatchEngine:
         vocab_size: int,
         prefill_chunk: int = 512,
         keep_caches: bool = True,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         self.model = model
+        self.tokenizer = tokenizer  # compiles the grammars of constrained requests
         self.eos_ids = frozenset(eos_token_ids)
         self.vocab_size = vocab_size
         self.prefill_chunk = max(1, prefill_chunk)
@@ -78,6 +91,8 @@ class BatchEngine:
         self._backbone = getattr(model, "model", None)
         # Prompt reuse needs caches that can be cut to a prefix (plain KV caches).
         self.can_reuse = all(type(c) is KVCache for c in make_prompt_cache(model))
+        # Distributed serving: makes every rank use rank 0's sampled tokens (lazily, in-graph).
+        self.share_tokens: Callable[[mx.array], mx.array] | None = None
 
     # -- commands --------------------------------------------------------------------------
 
@@ -91,6 +106,11 @@ class BatchEngine:
 
     def admit(self, admit: Admit) -> PrefillProgress:
         request = admit.request
+        constraint = None
+        if request.constraint is not None:
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer to compile constraints with")
+            constraint = start_constraint(request.constraint, self.tokenizer)
         cache: list[Any] | None = None
         cached = 0
         prefix = admit.prefix
@@ -101,7 +121,7 @@ class BatchEngine:
                 cached = length
         if cache is None:
             cache = make_prompt_cache(self.model)
-        self.prefilling.append(Sequence(request, cache, cached, self.vocab_size))
+        self.prefilling.append(Sequence(request, cache, cached, self.vocab_size, constraint))
         return PrefillProgress(
             request_id=request.request_id, done=cached, total=len(request.prompt_ids), cached=cached
         )
@@ -202,6 +222,8 @@ class BatchEngine:
     ) -> list[int]:
         samplers = [s.sampler for s in seqs]
         tokens_arr, logprobs = sample_batch(logits, samplers)
+        if self.share_tokens is not None:
+            tokens_arr = self.share_tokens(tokens_arr)
         want = [i for i, s in enumerate(seqs) if s.request.sampling.logprobs]
         chosen = top_ids = top_vals = None
         if want:
@@ -245,7 +267,7 @@ class BatchEngine:
         return token in seq.stop_ids or (not seq.request.ignore_eos and token in self.eos_ids)
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        if self._is_terminal(seq, token):
+        if self._is_terminal(seq, token) or seq.sampler.grammar_done:
             return "stop"
         if len(seq.generated) >= seq.request.max_tokens:
             return "length"

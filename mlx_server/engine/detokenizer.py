@@ -15,9 +15,18 @@ REPLACEMENT = "\ufffd"
 class StreamingDetokenizer:
     """Incremental decoder in the style of text-generation-inference's prefix/read offsets."""
 
-    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        skip_special_tokens: bool = True,
+        keep_special: frozenset[int] = frozenset(),
+    ) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
+        # Special tokens shown anyway (tool-call markers such as Mistral's [TOOL_CALLS]).
+        self._keep = keep_special
+        self._special = tokenizer.special_ids() - keep_special if keep_special else frozenset()
         self._ids: list[int] = []
         self._prefix = 0  # start of the window used as decoding context
         self._read = 0  # tokens before this index have been released as text
@@ -46,4 +55,7 @@ class StreamingDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         if not ids:
             return ""
+        if self._skip and self._keep:
+            ids = [i for i in ids if i not in self._special]
+            return self._tok.decode(ids, skip_special_tokens=False)
         return self._tok.decode(ids, skip_special_tokens=self._skip)

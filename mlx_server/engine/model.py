@@ -10,11 +10,13 @@ import importlib.util
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from ..errors import ModelLoadError
 from .chat_template import ChatTemplate
@@ -42,6 +44,7 @@ class LoadedModel:
     config: dict[str, Any]
     source: str
     device_note: str = ""
+    weights_bytes: int = 0  # the parameters as they sit in memory, after prepare_for_device
 
 
 def default_model_path() -> Path:
@@ -96,12 +99,23 @@ def precheck(spec: str | None) -> None:
 
 
 def load(
-    spec: str | None, *, served_name: str | None = None, cpu_dequantize: Policy = "never"
+    spec: str | None,
+    *,
+    served_name: str | None = None,
+    cpu_dequantize: Policy = "never",
+    shard: Callable[[nn.Module, dict[str, Any]], str] | None = None,
 ) -> LoadedModel:
     """Load the model a user configured (None: the bundled default), then prepare its weights
-    for the device (see `engine.cpu`: float32 on a CPU with a fast BLAS)."""
+    for the device (see `engine.cpu`: float32 on a CPU with a fast BLAS).
+
+    `shard` (distributed serving) keeps only this rank's part of the model, after the device
+    preparation; it returns a note on what it did."""
     loaded = _load(spec, served_name)
     loaded.device_note = prepare_for_device(loaded.model, cpu_dequantize)
+    if shard is not None:
+        loaded.device_note += "; " + shard(loaded.model, loaded.config)
+    params: Any = tree_flatten(loaded.model.parameters())
+    loaded.weights_bytes = sum(int(v.nbytes) for _, v in params)
     log.info("%s: %s", loaded.name, loaded.device_note)
     return loaded
 

@@ -2,7 +2,8 @@
 
 Runs on the executor thread. Greedy rows share one argmax; sampled rows are filtered
 (top-k, top-p, min-p) and drawn one by one, each from its own random key when a seed is given,
-so a seeded request gives the same tokens alone or inside any batch.
+so a seeded request gives the same tokens alone or inside any batch. A constrained row (structured
+output, `engine.constrain`) has every token its grammar forbids masked out first.
 """
 
 from __future__ import annotations
@@ -12,15 +13,20 @@ import math
 import mlx.core as mx
 
 from ..messages import SamplingParams
+from .constrain import Constraint
 
 NEG_INF = -math.inf
 
 
 class RowSampler:
-    """Per-request sampling state: the random key of a seeded request and penalty counters."""
+    """Per-request sampling state: the random key of a seeded request, penalty counters, and
+    the grammar matcher of a constrained request."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
+    def __init__(
+        self, params: SamplingParams, vocab_size: int, constraint: Constraint | None = None
+    ) -> None:
         self.params = params
+        self.constraint = constraint
         self.key: mx.array | None = (
             mx.random.key(params.seed % 2**64) if params.seed is not None else None
         )
@@ -34,6 +40,7 @@ class RowSampler:
         p = self.params
         return (
             self.bias_ids is not None
+            or self.constraint is not None
             or (p.repetition_penalty != 1.0 and bool(self.counts))
             or (p.presence_penalty != 0.0 and bool(self.counts))
             or (p.frequency_penalty != 0.0 and bool(self.counts))
@@ -41,9 +48,17 @@ class RowSampler:
 
     def observe(self, token_id: int) -> None:
         self.counts[token_id] = self.counts.get(token_id, 0) + 1
+        if self.constraint is not None:
+            self.constraint.advance(token_id)
+
+    @property
+    def grammar_done(self) -> bool:
+        """A constrained output is complete: nothing may follow it."""
+        return self.constraint is not None and self.constraint.done
 
     def process(self, logits: mx.array) -> mx.array:
-        """Apply logit bias and penalties to one row of logits (shape (V,))."""
+        """Apply logit bias, penalties and the grammar's mask to one row of logits (shape
+        (V,))."""
         p = self.params
         if self.bias_ids is not None and self.bias_vals is not None:
             logits = logits.at[self.bias_ids].add(self.bias_vals)
@@ -56,6 +71,9 @@ class RowSampler:
             if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
                 freq = mx.array(list(self.counts.values()), dtype=mx.float32)
                 logits = logits.at[ids].add(-(p.presence_penalty + p.frequency_penalty * freq))
+        if self.constraint is not None:
+            allowed = mx.array(self.constraint.allowed(logits.shape[-1]))
+            logits = mx.where(allowed, logits, NEG_INF)
         return logits
 
     def next_key(self) -> mx.array | None:
@@ -90,20 +108,20 @@ def filter_logits(logits: mx.array, params: SamplingParams) -> mx.array:
 
 def sample_batch(logits: mx.array, samplers: list[RowSampler]) -> tuple[mx.array, mx.array]:
     """Choose one token per row. Returns (tokens (B,), logprobs (B, V)) as lazy arrays; in the
-    all-greedy case without logprobs the second array is the raw logits.
+    all-greedy case without logprobs the second array is the (processed) logits.
 
-    logprobs are of the processed (biased, penalised) but unfiltered distribution, which is
-    what OpenAI reports."""
+    logprobs are of the processed (biased, penalised, grammar-masked) but unfiltered
+    distribution, which is what OpenAI reports."""
     logits = logits.astype(mx.float32)
-    if not any(s.needs_processing or not s.params.greedy or s.params.logprobs for s in samplers):
-        # The common all-greedy case: no normalisation needed to take the argmax.
-        return mx.argmax(logits, axis=-1).astype(mx.uint32), logits
     if any(s.needs_processing for s in samplers):
         rows = [
             s.process(logits[i]) if s.needs_processing else logits[i]
             for i, s in enumerate(samplers)
         ]
         logits = mx.stack(rows)
+    if not any(not s.params.greedy or s.params.logprobs for s in samplers):
+        # All greedy (the common case): no normalisation needed to take the argmax.
+        return mx.argmax(logits, axis=-1).astype(mx.uint32), logits
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     tokens = mx.argmax(logprobs, axis=-1)
     sampled_rows = [i for i, s in enumerate(samplers) if not s.params.greedy]

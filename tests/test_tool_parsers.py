@@ -1,0 +1,278 @@
+"""Unit tests of `mlx_server.tools`: each family's incremental parser (whole, in small chunks,
+one character at a time), malformed output as text, the `<think>` splitter, format detection
+and the chain the stream actor feeds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlx_server.messages import (
+    OutputSpec,
+    ReasoningDelta,
+    StreamEvent,
+    TextDelta,
+    ToolCallArgsDelta,
+    ToolCallStart,
+)
+from mlx_server.tools.detect import OutputFormat, detect_format
+from mlx_server.tools.output import OutputParser
+from mlx_server.tools.parsers import ToolCall, convert_value, make_parser, scan_json
+from mlx_server.tools.reasoning import ThinkSplitter
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "days": {"type": "integer"},
+                    "metric": {"type": "boolean"},
+                    "where": {"type": "object"},
+                },
+            },
+        },
+    }
+]
+CHUNKS = [1, 2, 3, 7, 1000]
+
+
+def run(family: str, text: str, chunk: int) -> list[str | ToolCall]:
+    parser = make_parser(family, TOOLS)
+    out: list[str | ToolCall] = []
+    for i in range(0, len(text), chunk):
+        out.extend(parser.feed(text[i : i + chunk]))
+    out.extend(parser.finish())
+    merged: list[str | ToolCall] = []
+    for piece in out:
+        if isinstance(piece, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += piece
+        else:
+            merged.append(piece)
+    return merged
+
+
+def call(name: str, **args: object) -> ToolCall:
+    return ToolCall(name=name, arguments=json.dumps(args))
+
+
+CASES = {
+    "hermes": [
+        (
+            'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+            "</tool_call>",
+            ["Let me check.\n", call("get_weather", city="Paris")],
+        ),
+        (  # two calls; the whitespace between and after them is not content
+            '<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>\n<tool_call>\n'
+            '{"name": "b", "arguments": "{\\"x\\": 1}"}\n</tool_call>\n',
+            [call("a"), call("b", x=1)],
+        ),
+        (  # no closing tag before the end of the generation
+            '<tool_call>{"name": "a", "arguments": {"s": "</tool"}}',
+            [call("a", s="</tool")],
+        ),
+        ("a < b and <tool not a call", ["a < b and <tool not a call"]),
+        (
+            '<tool_call>{"name": oops}</tool_call> then',
+            ['<tool_call>{"name": oops}</tool_call> then'],
+        ),
+        (
+            '<tool_call>{"name": "a", "arguments": {"x"',
+            ['<tool_call>{"name": "a", "arguments": {"x"'],
+        ),
+    ],
+    "qwen3_coder": [
+        (
+            "Sure.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n</parameter>\n"
+            "<parameter=days>\n3\n</parameter>\n<parameter=metric>\ntrue\n</parameter>\n"
+            '<parameter=where>\n{"lat": 1.5}\n</parameter>\n</function>\n</tool_call>',
+            [
+                "Sure.\n",
+                call("get_weather", city="New York", days=3, metric=True, where={"lat": 1.5}),
+            ],
+        ),
+        (  # without <tool_call>, and an unknown parameter stays a string
+            "<function=get_weather>\n<parameter=city>\n42\n</parameter>\n<parameter=x>\n5\n"
+            "</parameter>\n</function>",
+            [call("get_weather", city="42", x="5")],
+        ),
+        (
+            "<tool_call>\nno function here\n</tool_call>",
+            ["<tool_call>\nno function here\n</tool_call>"],
+        ),
+    ],
+    "llama3": [
+        (
+            '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+            [call("get_weather", city="Paris")],
+        ),
+        (
+            '<|python_tag|>{"name": "a", "parameters": {"s": "}{"}}; '
+            '{"name": "b", "parameters": {}}',
+            [call("a", s="}{"), call("b")],
+        ),
+        ('{"answer": 42}', ['{"answer": 42}']),  # JSON that is not a call is the answer
+        ("The set {1, 2} is small.", ["The set {1, 2} is small."]),
+        (
+            'Use {"name": "x", "parameters": {}} later',
+            ['Use {"name": "x", "parameters": {}} later'],
+        ),
+        ('{"name": "a", "parameters": {', ['{"name": "a", "parameters": {']),
+    ],
+    "mistral": [
+        (
+            '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+            '{"name": "b", "arguments": {}}]',
+            [call("get_weather", city="Paris"), call("b")],
+        ),
+        (
+            '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]b[ARGS]{}',
+            [call("get_weather", city="Paris"), call("b")],
+        ),
+        ("[TOOL_CALLS] not json at all", ["[TOOL_CALLS] not json at all"]),
+        ("Text [TOOL", ["Text [TOOL"]),
+    ],
+}
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize(
+    ("family", "text", "expected"),
+    [(family, text, expected) for family, cases in CASES.items() for text, expected in cases],
+)
+def test_parsers(family: str, text: str, expected: list[object], chunk: int) -> None:
+    assert run(family, text, chunk) == expected
+
+
+def test_text_is_released_as_soon_as_it_cannot_be_a_call() -> None:
+    parser = make_parser("hermes")
+    assert parser.feed("Hello <tool") == ["Hello "]
+    assert parser.feed("box") == ["<toolbox"]
+    assert parser.feed("<tool_call>{") == []
+    parser = make_parser("llama3")
+    assert parser.feed("  ") == []
+    assert parser.feed("Hi") == ["  Hi"]
+
+
+def test_scan_json() -> None:
+    assert scan_json('{"a": "}"} tail', 0) == 10
+    assert scan_json('{"a": [1, {', 0) is None
+    assert scan_json("x{}", 0) == -1
+
+
+def test_convert_value() -> None:
+    assert convert_value("5", {"type": "integer"}) == 5
+    assert convert_value("5.5", {"type": "number"}) == 5.5
+    assert convert_value("null", {"type": ["integer", "null"]}) is None
+    assert convert_value("abc", {"type": "integer"}) == "abc"
+    assert convert_value("[1, 2]", {"type": "array"}) == [1, 2]
+    assert convert_value("007", {"type": "string"}) == "007"
+    assert convert_value("007", None) == "007"
+
+
+def think(text: str, chunk: int, inside: bool = False) -> tuple[str, str]:
+    splitter = ThinkSplitter(inside=inside)
+    parts = []
+    for i in range(0, len(text), chunk):
+        parts.extend(splitter.feed(text[i : i + chunk]))
+    parts.extend(splitter.finish())
+    reasoning = "".join(t for c, t in parts if c == "reasoning")
+    content = "".join(t for c, t in parts if c == "content")
+    return reasoning, content
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_think_splitter(chunk: int) -> None:
+    assert think("<think>\nStep 1.\nStep 2.\n</think>\n\nAnswer.", chunk) == (
+        "Step 1.\nStep 2.",
+        "Answer.",
+    )
+    assert think("Still thinking.\n</think>\n\nAnswer.", chunk, inside=True) == (
+        "Still thinking.",
+        "Answer.",
+    )
+    assert think("No thinking <think> here", chunk) == ("", "No thinking <think> here")
+    assert think("<think>cut off", chunk) == ("cut off", "")
+    assert think("<thi", chunk) == ("", "<thi")
+
+
+def test_detect_format() -> None:
+    from mlx_server.testing.scripted import TEMPLATES
+
+    assert detect_format("qwen2", TEMPLATES["hermes"]) == OutputFormat("hermes", False)
+    assert detect_format("qwen3", TEMPLATES["qwen3"]) == OutputFormat("hermes", True)
+    assert detect_format("qwen3_next", TEMPLATES["qwen3_coder"]).tool_family == "qwen3_coder"
+    assert detect_format("llama", TEMPLATES["llama3"]).tool_family == "llama3"
+    assert detect_format("mistral", TEMPLATES["mistral"]).tool_family == "mistral"
+    assert detect_format("qwen3_next", None).tool_family == "qwen3_coder"
+    assert detect_format("mistral", None).tool_family == "mistral"
+    assert detect_format("llama", "{{ messages }}").tool_family == "hermes"
+    assert detect_format("mistral", "[TOOL_CALLS]x[ARGS]").mistral_args
+
+
+def events(parser: OutputParser, text: str, chunk: int = 1) -> list[StreamEvent]:
+    out: list[StreamEvent] = []
+    for i in range(0, len(text), chunk):
+        out.extend(parser.feed(text[i : i + chunk]))
+    out.extend(parser.finish())
+    return out
+
+
+def test_output_parser_chain() -> None:
+    fmt = OutputFormat("hermes", True)
+    spec = OutputSpec(tools_json=json.dumps(TOOLS))
+    text = (
+        '<think>\nMaybe <tool_call> here?\n</think>\n\nOK.\n<tool_call>\n{"name": "get_weather", '
+        '"arguments": {"city": "Oslo"}}\n</tool_call>'
+    )
+    got = events(OutputParser(fmt, spec), text)
+    reasoning = "".join(e.text for e in got if isinstance(e, ReasoningDelta))
+    content = "".join(e.text for e in got if isinstance(e, TextDelta))
+    starts = [e for e in got if isinstance(e, ToolCallStart)]
+    args = "".join(e.arguments for e in got if isinstance(e, ToolCallArgsDelta))
+    assert reasoning == "Maybe <tool_call> here?"  # calls inside reasoning are not parsed
+    assert content == "OK.\n"
+    assert [s.name for s in starts] == ["get_weather"] and len(starts[0].call_id) == 24
+    assert json.loads(args) == {"city": "Oslo"}
+    # Dropped reasoning; a template that opened <think> in the prompt.
+    got = events(
+        OutputParser(
+            fmt, OutputSpec(reasoning="drop"), prompt_tail="<|im_start|>assistant\n<think>\n"
+        ),
+        "hidden\n</think>\n\nshown",
+    )
+    assert all(isinstance(e, TextDelta) for e in got)
+    assert "".join(e.text for e in got if isinstance(e, TextDelta)) == "shown"
+
+
+def test_output_parser_prefill_and_max_calls() -> None:
+    fmt = OutputFormat("hermes", False)
+    prefill = fmt.forced_prefill("get_weather")
+    spec = OutputSpec(tools_json=json.dumps(TOOLS), prefill=prefill, max_calls=1)
+    parser = OutputParser(fmt, spec)
+    got = events(
+        parser, '{"city": "Rome"}}\n</tool_call>\n<tool_call>\n{"name": "x"}\n</tool_call>'
+    )
+    assert [type(e) for e in got] == [ToolCallStart, ToolCallArgsDelta]
+    assert isinstance(got[1], ToolCallArgsDelta) and json.loads(got[1].arguments) == {
+        "city": "Rome"
+    }
+
+
+@pytest.mark.parametrize("family", ["hermes", "qwen3_coder", "llama3", "mistral"])
+def test_forced_prefill_parses(family: str) -> None:
+    fmt = OutputFormat(family, False)
+    prefill = fmt.forced_prefill("get_weather")
+    rest = {
+        "hermes": '{"city": "Rome"}}\n</tool_call>',
+        "qwen3_coder": "<parameter=city>\nRome\n</parameter>\n</function>\n</tool_call>",
+        "llama3": '{"city": "Rome"}}',
+        "mistral": '{"city": "Rome"}}]',
+    }[family]
+    got = run(family, prefill + rest, 1)
+    assert got == [call("get_weather", city="Rome")]
