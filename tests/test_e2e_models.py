@@ -244,3 +244,27 @@ async def test_a_model_with_a_stream_in_flight_is_not_unloaded(
             nursery.start_soon(ask_beta)
     assert events == ["alpha done", "beta answered"]
     assert streamed == [str(long_tokens)]
+
+
+def test_model_flags_env_and_names(tmp_path: Path) -> None:
+    from mlx_server.actors.models import make_slots, split_model_arg
+    from mlx_server.config import load_settings
+    from mlx_server.errors import ConfigError
+
+    s = load_settings(["--model", "a/b", "--model", "coder=c/d", "--model-memory-bytes", "2G"], {})
+    assert s.models == ("a/b", "coder=c/d") and s.model_memory_bytes == 2 << 30
+    assert [x.name for x in make_slots(s)] == ["a/b", "coder"]
+    s = load_settings([], {"MLX_SERVER_MODEL": "a/b, x/y"})
+    assert s.models == ("a/b", "x/y")
+    assert load_settings([], {}).models == (None,)
+    # A flag overrides the environment as a whole.
+    assert load_settings(["--model", "q/r"], {"MLX_SERVER_MODEL": "a/b,x/y"}).models == ("q/r",)
+    with pytest.raises(SystemExit):
+        load_settings(["--model", "a/b", "--model", "a/b"], {})
+    with pytest.raises(ConfigError, match="two models are named"):
+        make_slots(load_settings(["--model", "org1/m", "--model", "m=x/y"], {}))
+    # An existing path containing "=" is a path, not NAME=PATH.
+    odd = tmp_path / "a=b"
+    odd.mkdir()
+    assert split_model_arg(str(odd)) == (None, str(odd))
+    assert split_model_arg("n=~/m")[1] == os.path.expanduser("~/m")

@@ -427,12 +427,15 @@ def make_slots(settings: Settings) -> list[ModelSlot]:
         )
     seen: dict[str, str] = {}
     for slot in slots:
-        key = slot.name.lower()
-        if key in seen:
+        # Full names and the part after a repo id's organisation must all tell models apart.
+        keys = {slot.name.lower(), slot.name.lower().rsplit("/", 1)[-1]}
+        clash = next((seen[k] for k in keys if k in seen), None)
+        if clash is not None:
             raise ConfigError(
-                f"two models are named {slot.name!r}; name them with --model NAME=PATH_OR_REPO"
+                f"two models are named {slot.name!r} and {clash!r}, which requests cannot tell "
+                "apart; name them with --model NAME=PATH_OR_REPO"
             )
-        seen[key] = slot.name
+        seen.update(dict.fromkeys(keys, slot.name))
     return slots
 
 
