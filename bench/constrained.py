@@ -1,10 +1,17 @@
-"""What constrained decoding (structured output) costs per decode step: the batch engine's
-step time for the same batch of 4 with no constraint, one constrained row, and every row
-constrained, greedy and at temperature 1, all in this process on this machine. Also the cost of
-the mask alone (llguidance's mask plus building the boolean row for MLX).
+"""What constrained decoding (structured output) costs per decode step, batch of 4, with no
+row, one row and every row constrained, greedy and at temperature 1, all in this process:
 
-    uv run python -m bench.constrained                  # tiny random llama, then the default model
-    uv run python -m bench.constrained --only tiny --steps 32 --rounds 9
+- sampling: `sample_batch` over (4, vocabulary) logits plus advancing each row's matcher, i.e.
+  exactly what a constraint adds to a step (the forward pass is the same with or without);
+- step: a whole `BatchEngine` decode step (forward pass included) on a tiny random llama, and
+  with `--default` on the default model (slow on a CPU);
+- the mask alone: llguidance's mask, and the mask plus `mx.where` on one row.
+
+The cases take turns run by run (all six batches are kept alive side by side), so a noisy
+shared host slows them all alike.
+
+    uv run python -m bench.constrained                 # sampling + tiny model steps
+    uv run python -m bench.constrained --default --steps 16
 """
 
 from __future__ import annotations
@@ -13,11 +20,13 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mlx_server.engine import constrain
 from mlx_server.engine.batch import BatchEngine
 from mlx_server.engine.model import LoadedModel, load
+from mlx_server.engine.sampling import RowSampler, sample_batch
 from mlx_server.messages import Admit, ConstraintSpec, GenerationRequest, SamplingParams
 
 # A realistic JSON shape that cannot close within the measured steps (at least 200 items).
@@ -44,8 +53,8 @@ SPEC = ConstraintSpec.json_schema(SCHEMA)
 BATCH = 4
 
 
-def step_ms(loaded: LoadedModel, constrained: int, temperature: float, steps: int) -> float:
-    """Median ms per decode step for BATCH rows, the first `constrained` of them constrained."""
+def engine_for(loaded: LoadedModel, constrained: int, temperature: float) -> BatchEngine:
+    """A batch of BATCH rows, the first `constrained` of them constrained, past its prefill."""
     engine = BatchEngine(
         loaded.model,
         eos_token_ids=loaded.tokenizer.eos_token_ids,
@@ -59,12 +68,11 @@ def step_ms(loaded: LoadedModel, constrained: int, temperature: float, steps: in
         )
     )
     for i in range(BATCH):
-        sampling = SamplingParams(temperature=temperature, seed=i)
         request = GenerationRequest(
             request_id=f"r{i}",
             prompt_ids=prompt,
-            sampling=sampling,
-            max_tokens=steps + 64,
+            sampling=SamplingParams(temperature=temperature, seed=i),
+            max_tokens=100_000,
             ignore_eos=True,
             constraint=SPEC if i < constrained else None,
         )
@@ -73,13 +81,7 @@ def step_ms(loaded: LoadedModel, constrained: int, temperature: float, steps: in
         engine.step()
     for _ in range(3):  # warm up
         engine.step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
-    assert len(engine.running) == BATCH, "a row finished early: the measure would be unfair"
-    return statistics.median(times) * 1e3
+    return engine
 
 
 def mask_ms(loaded: LoadedModel, width: int, calls: int = 200) -> tuple[float, float]:
@@ -102,42 +104,100 @@ def mask_ms(loaded: LoadedModel, width: int, calls: int = 200) -> tuple[float, f
     return statistics.median(only) * 1e3, statistics.median(full) * 1e3
 
 
-def bench(name: str, loaded: LoadedModel, steps: int, rounds: int) -> None:
+def sampler_case(loaded: LoadedModel, constrained: int, temperature: float) -> Callable[[], float]:
+    """One batch's sampling (mask, filter, draw, advance the matchers) on fixed random logits,
+    as a function returning its seconds."""
+    import mlx.core as mx
+
+    width = loaded.config.get("vocab_size", loaded.tokenizer.vocab_size)
+    logits = mx.random.normal((BATCH, width), key=mx.random.key(0)) * 4
+    mx.eval(logits)
+
+    def fresh(i: int) -> RowSampler:
+        c = constrain.start(SPEC, loaded.tokenizer) if i < constrained else None
+        return RowSampler(SamplingParams(temperature=temperature, seed=i), width, c)
+
+    samplers = [fresh(i) for i in range(BATCH)]
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        tokens, _ = sample_batch(logits, samplers)
+        mx.eval(tokens)
+        for s, t in zip(samplers, tokens.tolist(), strict=True):  # type: ignore[arg-type]
+            s.observe(t)
+        elapsed = time.perf_counter() - t0
+        samplers[:] = [fresh(i) if s.grammar_done else s for i, s in enumerate(samplers)]
+        return elapsed
+
+    return once
+
+
+def engine_case(loaded: LoadedModel, constrained: int, temperature: float) -> Callable[[], float]:
+    engine = engine_for(loaded, constrained, temperature)
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        engine.step()
+        elapsed = time.perf_counter() - t0
+        assert len(engine.running) == BATCH, "a row finished: the comparison would be unfair"
+        return elapsed
+
+    return once
+
+
+def table(
+    title: str, unit: str, case: Callable[[int, float], Callable[[], float]], reps: int
+) -> None:
+    """Median of `reps` runs of each case; the cases take turns run by run, so a noisy host
+    slows them all alike."""
+    keys = [(c, t) for t in (0.0, 1.0) for c in (0, 1, BATCH)]
+    runs = {key: case(*key) for key in keys}
+    times: dict[tuple[int, float], list[float]] = {key: [] for key in keys}
+    for _ in range(reps):
+        for key in keys:
+            times[key].append(runs[key]())
+    print(f"  {title}")
+    print(f"  {'rows constrained':>18} {'greedy ' + unit:>18} {'temp 1 ' + unit:>18}")
+    for c in (0, 1, BATCH):
+        greedy = statistics.median(times[c, 0.0]) * 1e3
+        sampled = statistics.median(times[c, 1.0]) * 1e3
+        print(f"  {f'{c} of {BATCH}':>18} {greedy:18.3f} {sampled:18.3f}")
+
+
+def bench(name: str, loaded: LoadedModel, steps: int, *, sampling: bool) -> None:
     width = loaded.config.get("vocab_size", loaded.tokenizer.vocab_size)
     only, full = mask_ms(loaded, width)
-    print(f"\n{name}: vocabulary {loaded.tokenizer.vocab_size}, batch {BATCH}, {steps} steps")
+    print(f"\n{name}: vocabulary {loaded.tokenizer.vocab_size}, logits {width}, batch {BATCH}")
     print(f"  mask alone {only:.3f} ms/row; mask + mx.where on one row {full:.3f} ms/row")
-    # The cases take turns, round after round, so that a noisy host slows them all alike.
-    cases = [(c, t) for c in (0, 1, BATCH) for t in (0.0, 1.0)]
-    results: dict[tuple[int, float], list[float]] = {case: [] for case in cases}
-    for _ in range(rounds):
-        for constrained, temperature in cases:
-            results[constrained, temperature].append(
-                step_ms(loaded, constrained, temperature, steps)
-            )
-    print(f"  {'rows constrained':>18} {'greedy ms/step':>15} {'temp 1 ms/step':>15}")
-    for constrained in (0, 1, BATCH):
-        greedy = statistics.median(results[constrained, 0.0])
-        sampled = statistics.median(results[constrained, 1.0])
-        print(f"  {f'{constrained} of {BATCH}':>18} {greedy:15.2f} {sampled:15.2f}")
+    if sampling:
+        table(
+            "sampling only (what a constraint adds to a step), ms",
+            "ms",
+            lambda c, t: sampler_case(loaded, c, t),
+            200,
+        )
+    table(
+        f"whole decode step, forward pass included ({steps} steps each)",
+        "ms",
+        lambda c, t: engine_case(loaded, c, t),
+        steps,
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=16, help="decode steps timed per run")
-    parser.add_argument("--rounds", type=int, default=5, help="runs per case (median taken)")
-    parser.add_argument("--only", choices=["tiny", "default"], help="just one of the models")
+    parser = argparse.ArgumentParser(prog="python -m bench.constrained", description=__doc__)
+    parser.add_argument("--steps", type=int, default=48, help="decode steps timed per case")
+    parser.add_argument("--default", action="store_true", help="also the default model's steps")
     args = parser.parse_args()
-    if args.only != "default":
-        from mlx_server.testing.tiny import build_tiny_model
+    from mlx_server.testing.tiny import build_tiny_model
 
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "tiny-llama"
-            build_tiny_model(path, "llama")
-            bench("tiny random llama", load(str(path)), args.steps, args.rounds)
-    if args.only != "tiny":
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tiny-llama"
+        build_tiny_model(path, "llama")
+        bench("tiny random llama", load(str(path)), args.steps, sampling=True)
+    if args.default:
         loaded = load(None)
-        bench(f"default model ({loaded.name})", loaded, args.steps, args.rounds)
+        bench(f"default model ({loaded.name})", loaded, args.steps, sampling=False)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import json
 import math
 import os
@@ -175,6 +176,7 @@ class Plan:
     warmup: list[Request]
     single: list[Request]  # the same shape `--repeats` times, each with its own first line
     concurrent: dict[int, list[Request]]  # by stream count
+    concurrent_warm: dict[int, list[Request]]  # the same shapes, other prompts (no cache hits)
     conversations: list[tuple[dict[str, str], list[str]]]  # (system message, user turns)
     reply_tokens: int  # max_tokens of each multi-turn reply
     long: Request
@@ -197,6 +199,9 @@ def build_plan(p: PromptBuilder, args: argparse.Namespace) -> Plan:
         ]
 
     concurrent = {n: concurrent_requests(n) for n in args.stream_counts}
+    concurrent_warm = {
+        n: concurrent_requests(n) if args.warm_concurrent else [] for n in args.stream_counts
+    }
     conversations = []
     for _ in range(args.conversations):
         turns = [
@@ -214,6 +219,7 @@ def build_plan(p: PromptBuilder, args: argparse.Namespace) -> Plan:
         warmup=warmup,
         single=[Request(p.short_chat(), args.tokens) for _ in range(args.repeats)],
         concurrent=concurrent,
+        concurrent_warm=concurrent_warm,
         conversations=conversations,
         reply_tokens=max(args.tokens // 2, 2),
         long=Request(long_msgs, 4),
@@ -374,7 +380,11 @@ class HttpSystem:
         return trio.run(self._run, getattr(self, f"w_{workload}"), round_)
 
     def warm_up(self) -> Result:
-        return trio.run(self._run, self.w_warmup, 0)
+        got = trio.run(self._run, self.w_warmup, 0)
+        if self.args.warm_concurrent:  # every batch size once (GPU kernels compile on first use)
+            for round_ in range(len(self.args.stream_counts)):
+                trio.run(self._run, functools.partial(self.w_concurrent, warm=True), round_)
+        return got
 
     async def _run(self, fn: Callable[..., Any], round_: int) -> Result:
         timeout = httpx.Timeout(self.args.timeout, connect=30.0)
@@ -419,11 +429,13 @@ class HttpSystem:
     async def w_single(self, c: httpx.AsyncClient, samples: list[Sample], round_: int) -> None:
         await self.one(c, samples, "1 stream", self.plan.single[round_])
 
-    async def w_concurrent(self, c: httpx.AsyncClient, samples: list[Sample], round_: int) -> None:
+    async def w_concurrent(
+        self, c: httpx.AsyncClient, samples: list[Sample], round_: int, warm: bool = False
+    ) -> None:
         n = self.args.stream_counts[round_]
-        row = concurrent_row(n, self.args)
+        row = "warm-up" if warm else concurrent_row(n, self.args)
         async with trio.open_nursery() as nursery:
-            for req in self.plan.concurrent[n]:
+            for req in (self.plan.concurrent_warm if warm else self.plan.concurrent)[n]:
                 nursery.start_soon(self.one, c, samples, row, req)
 
     async def w_multiturn(self, c: httpx.AsyncClient, samples: list[Sample], _: int) -> None:
@@ -697,6 +709,9 @@ class Bench:
             ready = system.read(lambda line: line.startswith("READY"), self.args.start_timeout)
             info = json.loads(ready.removeprefix("READY"))
             system.request(self.plan.warmup[0], "warm-up", self.args.timeout)
+            if self.args.warm_concurrent:
+                for n in self.args.stream_counts:
+                    system.batch(self.plan.concurrent_warm[n], "warm-up", self.args.timeout)
             device = f"device: {info['device']}; " if "device" in info else ""
             yield system, f"{device}BLAS: {info['blas']}; weights: {info['weights']}"
         finally:
@@ -936,6 +951,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--settle", type=float, default=0.5, help="pause between measurements (seconds)"
+    )
+    parser.add_argument(
+        "--warm-concurrent",
+        action="store_true",
+        help="each system's warm-up also runs every concurrent workload once (unmeasured), so "
+        "that no system pays for compiling the kernels of a batch size during a measurement "
+        "(MLX's CUDA backend compiles kernels on first use)",
     )
     parser.add_argument("--json", type=Path, help="also write every row here")
     parser.add_argument("--log-dir", type=Path, help="copy every system's log here at the end")

@@ -8,11 +8,10 @@ The base URL comes from --url, else MLX_SERVER_URL, else http://localhost:8000 (
 /v1/messages itself). An API key from --api-key or MLX_SERVER_API_KEY; any string does when the
 server has none.
 
-Tool calling is not implemented by mlx-server yet. The Messages route accepts `tools` (the
-model's chat template sees them) but the server does not parse tool calls out of the output, so
-the answer is text, with `stop_reason` `end_turn` or `max_tokens`, never `tool_use`. This example
-sends the real request and reports what came back; once the server returns `tool_use` blocks,
-the same code runs the tool and sends its result.
+The tool call is a whole agent loop: the server parses the model's call into a `tool_use` block
+(`stop_reason` `tool_use`), the example runs the tool and sends a `tool_result`, and prints the
+final answer. A model that answers in text instead (a small model never trained on tools) gets
+its answer printed.
 """
 
 from __future__ import annotations
@@ -68,8 +67,8 @@ def tool_call(client: Anthropic, model: str) -> None:
     if not calls:
         text = "".join(block.text for block in response.content if block.type == "text")
         print(
-            f"no tool_use block (stop_reason {response.stop_reason}): mlx-server does not "
-            f"return tool calls yet; the model answered in text: {text!r}"
+            f"no tool_use block (stop_reason {response.stop_reason}): "
+            f"the model answered in text: {text!r}"
         )
         return
     messages.append({"role": "assistant", "content": response.content})

@@ -8,9 +8,10 @@ The base URL comes from --url, else MLX_SERVER_URL, else http://localhost:8000 (
 with /v1). An API key from --api-key or MLX_SERVER_API_KEY; the SDK insists on one, so any
 string does when the server has none.
 
-Tool calling is not implemented by mlx-server yet: a request with `tools` is refused with HTTP
-400 rather than silently ignored. This example sends the real request and shows that answer;
-once the server supports tools, the same code runs the tool and prints the model's final reply.
+The tool call is a whole agent loop: the server parses the call out of the model's output (in
+its family's markup: Hermes/Qwen, Qwen3-Coder XML, Llama 3 JSON, Mistral), the example runs the
+tool, sends the result and prints the final reply. A model that answers in text instead (a small
+model that was never trained on tools) gets its answer printed.
 """
 
 from __future__ import annotations

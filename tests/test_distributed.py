@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -20,6 +21,25 @@ import httpx
 import pytest
 import trio
 
+from mlx_server.distributed.launch import Launch, detect
+from mlx_server.distributed.plan import (
+    KIND_BEAT,
+    KIND_PLAN,
+    StepPlan,
+    decode_plan,
+    encode_plan,
+    frame,
+    read_frame,
+)
+from mlx_server.messages import (
+    Abort,
+    Admit,
+    CachedPrefix,
+    ConstraintSpec,
+    GenerationRequest,
+    ReleaseCache,
+    SamplingParams,
+)
 from mlx_server.testing.server import ServerProcess, run_server
 from mlx_server.testing.tiny import build_tiny_model
 
@@ -156,3 +176,43 @@ def test_losing_rank_1_mid_stream_is_an_in_band_error_and_a_nonzero_exit(
         assert server.process.wait(timeout=60) == 1
         log = server.log()
         assert "rank 1 closed its connection" in log or "rank 1 stopped answering" in log, log
+
+
+# -- units: no MLX, no processes ---------------------------------------------------------------
+
+
+def test_detect_reads_the_launchers_environment(tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([["10.0.0.1:5000"], ["10.0.0.2:5000"], ["10.0.0.3:5000"]]))
+    ring = detect({"MLX_RANK": "2", "MLX_HOSTFILE": str(hosts)})
+    assert ring == Launch(rank=2, size=3, backend="ring", rank0_host="10.0.0.1")
+    nccl = detect({"MLX_RANK": "0", "MLX_WORLD_SIZE": "2", "NCCL_HOST_IP": "10.1.1.1"})
+    assert nccl == Launch(rank=0, size=2, backend="nccl", rank0_host="10.1.1.1")
+    assert detect({}) is None
+    assert detect({"MLX_RANK": "0", "MLX_HOSTFILE": json.dumps([["127.0.0.1:1"]])}) is None
+
+
+def test_a_plan_crosses_the_control_connection_intact() -> None:
+    request = GenerationRequest(
+        request_id="r1",
+        prompt_ids=(1, 2, 3),
+        sampling=SamplingParams(temperature=0.7, seed=5),
+        max_tokens=8,
+        constraint=ConstraintSpec.json_object(),
+    )
+    plan = StepPlan(
+        commands=(
+            Admit(request=request, prefix=CachedPrefix(handle=3, length=2)),
+            Abort(request_id="r0"),
+            ReleaseCache(handles=(1, 2)),
+        ),
+        step=True,
+    )
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(encode_plan(plan) + frame(KIND_BEAT))
+        kind, payload = read_frame(b) or (b"", b"")
+        assert kind == KIND_PLAN and decode_plan(payload) == plan
+        assert read_frame(b) == (KIND_BEAT, b"")
+        a.shutdown(socket.SHUT_WR)
+        assert read_frame(b) is None

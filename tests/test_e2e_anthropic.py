@@ -446,8 +446,8 @@ def test_client_disconnect_cancels_generation(http: httpx.Client) -> None:
 
 
 def test_content_blocks_flatten(http: httpx.Client) -> None:
-    """Tool use, tool results and earlier thinking render as text (tool calling comes later)
-    and are counted; images are refused."""
+    """Tool use and tool results render through the template (as tool calls and tool turns)
+    and are counted, earlier thinking is dropped; images are refused."""
     tools = [
         {
             "name": "get_weather",

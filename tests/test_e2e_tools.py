@@ -64,6 +64,8 @@ FAMILIES = list(CALLS)
 
 
 def scripts_for(family: str) -> list[Script]:
+    if family == "qwen3_thinking":  # the template opens <think>: the output starts inside it
+        return [Script(text="Deep thought.\n</think>\n\nDone.", chunk="char")]
     if family == "qwen3":
         call = CALLS["hermes"]
         thought = "<think>\nThe user wants the weather.\n</think>\n\n"
@@ -463,7 +465,7 @@ def test_anthropic_thinking(qwen3: ServerProcess) -> None:
         with claude.messages.stream(
             model="default",
             max_tokens=300,
-            messages=user("REASON"),
+            messages=user("REASON"),  # type: ignore[arg-type]
             thinking=thinking,  # type: ignore[arg-type]
         ) as stream:
             kinds = [event.type for event in stream]
@@ -473,6 +475,17 @@ def test_anthropic_thinking(qwen3: ServerProcess) -> None:
     assert final.content[0].thinking == "Two plus two."  # type: ignore[union-attr]
     assert final.content[0].signature  # type: ignore[union-attr]
     assert final.content[1].text == "The answer is 4."  # type: ignore[union-attr]
+
+
+def test_reasoning_opened_by_the_template(tmp_path_factory: pytest.TempPathFactory) -> None:
+    for server in _scripted_server("qwen3_thinking", tmp_path_factory):
+        message = chat(server)["choices"][0]["message"]
+        assert message["reasoning_content"] == "Deep thought."
+        assert message["content"] == "Done."
+        thinking = {"type": "enabled", "budget_tokens": 1024}
+        blocks = messages(server, thinking=thinking)["content"]
+        assert [b["type"] for b in blocks] == ["thinking", "text"]
+        assert blocks[0]["thinking"] == "Deep thought." and blocks[1]["text"] == "Done."
 
 
 def test_concurrent_rows_follow_their_own_scripts(qwen3: ServerProcess) -> None:
@@ -492,3 +505,47 @@ def test_concurrent_rows_follow_their_own_scripts(qwen3: ServerProcess) -> None:
             assert choice["message"]["content"] == "The answer is 4."
         else:
             assert choice["finish_reason"] == "tool_calls"
+
+
+# -- the real default model ------------------------------------------------------------------
+
+
+def test_default_model_with_tools(default_server: ServerProcess) -> None:
+    """The real model with tools, tool calls and tool results in its history: valid shapes
+    (it answers with text or a call; it is not trained to call tools)."""
+    history = [
+        *user(),
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": json.dumps(ARGS)},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 24 C"},
+    ]
+    for body in ({"messages": user()}, {"messages": history}):
+        data = chat(default_server, tools=OPENAI_TOOLS, max_tokens=4, temperature=0, **body)
+        message = data["choices"][0]["message"]
+        assert isinstance(message["content"], str) or message["tool_calls"]
+    turns = [
+        *user(),
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": ARGS}
+            ],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}],
+        },
+    ]
+    data = messages(
+        default_server, messages=turns, tools=ANTHROPIC_TOOLS, max_tokens=4, temperature=0
+    )
+    assert data["content"] and data["content"][0]["type"] in ("text", "tool_use")

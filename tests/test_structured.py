@@ -190,6 +190,46 @@ def test_constrained_rows_batch_with_unconstrained_ones(tiny: LoadedModel) -> No
         jsonschema.validate(json.loads(tiny.tokenizer.decode(tokens)), PERSON)
 
 
+def test_constraint_with_bias_penalties_and_logprobs(tiny: LoadedModel) -> None:
+    prompt = tuple(tiny.tokenizer.encode("Describe a person"))
+    quote = tiny.tokenizer.encode('"')[0]
+    sampling = SamplingParams(
+        temperature=0.7,
+        seed=3,
+        logit_bias=((quote, -100.0),),  # fights the grammar: the grammar wins
+        repetition_penalty=1.3,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    request = GenerationRequest(
+        request_id="r",
+        prompt_ids=prompt,
+        sampling=sampling,
+        max_tokens=120,
+        constraint=ConstraintSpec.json_schema(PERSON),
+    )
+    engine = BatchEngine(
+        tiny.model,
+        eos_token_ids=tiny.tokenizer.eos_token_ids,
+        vocab_size=tiny.tokenizer.vocab_size,
+        tokenizer=tiny.tokenizer,
+    )
+    engine.admit(Admit(request=request))
+    tokens: list[TokenOut] = []
+    finished: list[SequenceFinished] = []
+    while engine.has_work:
+        for ev in engine.step():
+            if isinstance(ev, TokenOut):
+                tokens.append(ev)
+            elif isinstance(ev, SequenceFinished):
+                finished.append(ev)
+    assert finished[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(tiny.tokenizer.decode([t.token_id for t in tokens])), PERSON)
+    for t in tokens:  # logprobs of the masked distribution: the chosen token is possible
+        assert t.logprob is not None and t.logprob > -1e9
+        assert len(t.top_logprobs) == 2
+
+
 # --------------------------------------------------------------------------- a real tiny server
 
 

@@ -76,6 +76,11 @@ CASES = {
             '<tool_call>{"name": "a", "arguments": {"s": "</tool"}}',
             [call("a", s="</tool")],
         ),
+        (  # two objects in one block
+            '<tool_call>\n{"name": "a", "arguments": {}}\n{"name": "b", "arguments": {}}\n'
+            "</tool_call>",
+            [call("a"), call("b")],
+        ),
         ("a < b and <tool not a call", ["a < b and <tool not a call"]),
         (
             '<tool_call>{"name": oops}</tool_call> then',
@@ -276,3 +281,17 @@ def test_forced_prefill_parses(family: str) -> None:
     }[family]
     got = run(family, prefill + rest, 1)
     assert got == [call("get_weather", city="Rome")]
+
+
+def test_tools_package_is_pure() -> None:
+    """`mlx_server.tools` imports neither MLX nor trio nor quart."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mlx_server.tools.output, mlx_server.tools.detect;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'trio', 'quart'));"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

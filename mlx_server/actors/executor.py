@@ -265,7 +265,9 @@ class Executor:
         elif isinstance(command, Job):
             try:
                 if self._lockstep is not None:  # the other ranks could not take part
-                    raise ServiceUnavailable("not available while the model is sharded over ranks")
+                    raise ServiceUnavailable(
+                        "embeddings are not available while the model is sharded over processes"
+                    )
                 result, error = command.fn(loaded), None
             except Exception as exc:
                 log.debug("job failed: %s", traceback.format_exc())
@@ -274,7 +276,6 @@ class Executor:
                 token.run_sync_soon(command.on_done, result, error)
             except trio.RunFinishedError:
                 pass
-
 
     def _publish(self, commands: list[Any], *, step: bool = False, stop: bool = False) -> None:
         """Distributed serving: tell the other ranks what this turn does, before doing it."""

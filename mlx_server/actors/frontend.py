@@ -289,7 +289,11 @@ class Frontend:
         scope = trio.CancelScope()
         self._nursery.start_soon(
             self._counted,
-            self._run_group, list(zip(requests, queued, strict=True)), out_send, scope, output
+            self._run_group,
+            list(zip(requests, queued, strict=True)),
+            out_send,
+            scope,
+            output,
         )
         return StreamHandle(out_recv, scope)
 

@@ -93,6 +93,122 @@ def _obj(properties: dict[str, Schema], required: Sequence[str] = (), **extra: A
     return schema
 
 
+def _openai_tool_fields() -> dict[str, Schema]:
+    """Tool calling and reasoning fields of a chat request (`api.tools`)."""
+    function = _obj(
+        {
+            "name": {"type": "string", "minLength": 1},
+            "description": _nullable({"type": "string"}),
+            "parameters": _nullable({"type": "object", "description": "A JSON Schema."}),
+        },
+        ["name"],
+    )
+    named = _obj(
+        {"type": {"const": "function"}, "function": _obj({"name": {"type": "string"}}, ["name"])},
+        ["type", "function"],
+    )
+    return {
+        "tools": _nullable(
+            {
+                "type": "array",
+                "items": _obj({"type": {"const": "function"}, "function": function}, ["function"]),
+                "description": "Functions the model may call; calls are parsed out of its "
+                "output in its family's markup.",
+            }
+        ),
+        "tool_choice": _nullable(
+            {
+                "anyOf": [{"enum": ["none", "auto", "required"]}, named],
+                "description": "'required' or a named function (one of `tools`, else 400) "
+                "forces a call; 'none' parses none. Needs `tools` unless 'none' or 'auto'.",
+            }
+        ),
+        "parallel_tool_calls": _boolean("false: only the first call is returned."),
+        "chat_template_kwargs": _nullable(
+            {"type": "object", "description": "Extra chat template variables (enable_thinking)."}
+        ),
+        "reasoning_effort": _nullable(
+            {"type": "string", "description": "'none' renders with enable_thinking false."}
+        ),
+    }
+
+
+def _anthropic_tool_fields() -> dict[str, Schema]:
+    no_parallel = _boolean("true: only the first tool_use block is returned.")
+    return {
+        "tool_choice": _nullable(
+            {
+                "anyOf": [
+                    _obj(
+                        {
+                            "type": {"enum": ["auto", "any", "none"]},
+                            "disable_parallel_tool_use": no_parallel,
+                        },
+                        ["type"],
+                    ),
+                    _obj(
+                        {
+                            "type": {"const": "tool"},
+                            "name": {"type": "string", "minLength": 1},
+                            "disable_parallel_tool_use": no_parallel,
+                        },
+                        ["type", "name"],
+                    ),
+                ],
+                "description": "'any' / 'tool' (a name in `tools`, else 400) force a call.",
+            }
+        ),
+        "thinking": _nullable(
+            {
+                "anyOf": [
+                    _obj(
+                        {
+                            "type": {"const": "enabled"},
+                            "budget_tokens": {"type": "integer", "minimum": 1},
+                        },
+                        ["type", "budget_tokens"],
+                    ),
+                    _obj({"type": {"const": "disabled"}}, ["type"]),
+                ],
+                "description": "Enabled: reasoning comes back as thinking blocks (the budget is "
+                "not enforced); else it is dropped and the template gets enable_thinking false.",
+            }
+        ),
+    }
+
+
+_TOOL_CALL_SCHEMA = _obj(
+    {
+        "id": {"type": "string"},
+        "type": {"const": "function"},
+        "function": _obj(
+            {"name": {"type": "string"}, "arguments": {"type": "string"}}, ["name", "arguments"]
+        ),
+    },
+    ["id", "type", "function"],
+)
+_ANTHROPIC_BLOCKS = [
+    _obj({"type": {"const": "text"}, "text": {"type": "string"}}, ["type", "text"]),
+    _obj(
+        {
+            "type": {"const": "thinking"},
+            "thinking": {"type": "string"},
+            "signature": {"type": "string"},
+        },
+        ["type", "thinking", "signature"],
+    ),
+    _obj(
+        {
+            "type": {"const": "tool_use"},
+            "id": {"type": "string"},
+            "name": {"type": "string"},
+            "input": {"type": "object"},
+        },
+        ["type", "id", "name", "input"],
+    ),
+]
+
+
 def _response_format() -> Schema:
     """Structured output (`api.structured`): plain text, any JSON object, or a JSON Schema,
     enforced by constrained decoding; a schema that cannot be enforced is a 400."""
@@ -334,10 +450,7 @@ class _Builder:
                 ),
                 "stop": self.stop("Up to 4 stop sequences."),
                 "response_format": _response_format(),
-                "tools": {
-                    "enum": [None, [], {}, "", 0, False],
-                    "description": "Tool calling is not supported yet: any non-empty value is 400.",
-                },
+                **_openai_tool_fields(),
                 "ignore_eos": _boolean("Keep generating past the end-of-sequence token."),
                 "user": {"description": "Accepted and ignored."},
             },
@@ -468,8 +581,9 @@ class _Builder:
         return {
             "AnthropicContentBlock": {
                 "anyOf": [text_block, dropped, tool_use, tool_result(nested)],
-                "description": "Text, tool_use and tool_result blocks become text for the "
-                "template; image and document blocks are refused (text-only model).",
+                "description": "Text blocks become text for the template, an assistant's "
+                "tool_use blocks its tool calls, a user's tool_result blocks tool turns; image "
+                "and document blocks are refused (text-only model).",
             }
         }
 
@@ -519,6 +633,7 @@ class _Builder:
                 ]
             },
             "tools": _nullable({"type": "array", "items": {"anyOf": [custom_tool, server_tool]}}),
+            **_anthropic_tool_fields(),
         }
 
     def messages_request(self) -> Schema:
@@ -580,7 +695,7 @@ class _Builder:
                 ["content"],
             )
         )
-        finish = {"enum": ["stop", "length"]}
+        finish = {"enum": ["stop", "length", "tool_calls"]}
         envelope = {
             "id": {"type": "string"},
             "created": {"type": "integer"},
@@ -682,6 +797,8 @@ class _Builder:
                                         "role": {"const": "assistant"},
                                         "content": {"type": ["string", "null"]},
                                         "refusal": {"type": ["string", "null"]},
+                                        "tool_calls": {"type": "array", "items": _TOOL_CALL_SCHEMA},
+                                        "reasoning_content": {"type": "string"},
                                     },
                                     ["role", "content"],
                                 ),
@@ -708,10 +825,25 @@ class _Builder:
                                     {
                                         "role": {"const": "assistant"},
                                         "content": {"type": ["string", "null"]},
+                                        "reasoning_content": {"type": "string"},
+                                        "tool_calls": {
+                                            "type": "array",
+                                            "description": "index, id, type and name first; "
+                                            "then fragments of function.arguments.",
+                                            "items": _obj(
+                                                {
+                                                    "index": count,
+                                                    "id": {"type": "string"},
+                                                    "type": {"const": "function"},
+                                                    "function": {"type": "object"},
+                                                },
+                                                ["index"],
+                                            ),
+                                        },
                                     }
                                 ),
                                 "logprobs": chat_logprobs,
-                                "finish_reason": {"enum": ["stop", "length", None]},
+                                "finish_reason": {"enum": ["stop", "length", "tool_calls", None]},
                             },
                             ["index", "delta", "finish_reason"],
                         ),
@@ -780,13 +912,7 @@ class _Builder:
                     "type": {"const": "message"},
                     "role": {"const": "assistant"},
                     "model": {"type": "string"},
-                    "content": {
-                        "type": "array",
-                        "items": _obj(
-                            {"type": {"const": "text"}, "text": {"type": "string"}},
-                            ["type", "text"],
-                        ),
-                    },
+                    "content": {"type": "array", "items": {"anyOf": _ANTHROPIC_BLOCKS}},
                     "stop_reason": stop_reason,
                     "stop_sequence": {"type": ["string", "null"]},
                     "usage": _ref("AnthropicUsage"),
@@ -838,9 +964,7 @@ class _Builder:
                 "content_block_start",
                 {
                     "index": index,
-                    "content_block": _obj(
-                        {"type": {"const": "text"}, "text": {"type": "string"}}, ["type", "text"]
-                    ),
+                    "content_block": {"anyOf": _ANTHROPIC_BLOCKS},
                 },
                 ["index", "content_block"],
             ),
@@ -848,10 +972,17 @@ class _Builder:
                 "content_block_delta",
                 {
                     "index": index,
-                    "delta": _obj(
-                        {"type": {"const": "text_delta"}, "text": {"type": "string"}},
-                        ["type", "text"],
-                    ),
+                    "delta": {
+                        "anyOf": [
+                            _obj({"type": {"const": kind}, key: {"type": "string"}}, ["type", key])
+                            for kind, key in (
+                                ("text_delta", "text"),
+                                ("thinking_delta", "thinking"),
+                                ("signature_delta", "signature"),
+                                ("input_json_delta", "partial_json"),
+                            )
+                        ]
+                    },
                 },
                 ["index", "delta"],
             ),

@@ -35,7 +35,7 @@ import attrs
 from quart import Quart, Response, g, request
 from quart.wrappers.response import IterableBody, ResponseBody
 
-from ..messages import Failed, Finished, StreamEvent, TextDelta
+from ..messages import Failed, Finished, ReasoningDelta, StreamEvent, TextDelta, ToolCallStart
 from ..replay.record import TraceRecorder, redact_headers
 
 access_log = logging.getLogger("mlx_server.access")
@@ -109,6 +109,9 @@ class Outcome:
                     self.first_token_at = time.monotonic()
                 if self.keep_text:
                     self.texts.setdefault(index, []).append(event.text)
+        elif isinstance(event, ReasoningDelta | ToolCallStart):
+            if self.first_token_at is None:  # the answer began, as reasoning or a tool call
+                self.first_token_at = time.monotonic()
         elif isinstance(event, Finished):
             if index not in self.finish_reasons:
                 self.finish_reasons[index] = event.finish_reason

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from ..actors.frontend import Frontend
 
 Choice = Literal["auto", "none", "required"]
+_RESERVED_KWARGS = frozenset(
+    {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "documents"}
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -212,7 +215,8 @@ def plan(
 ) -> Plan:
     """What to render and how to read the output, for this model and request."""
     fmt = fe.output_format
-    kwargs = dict(template_kwargs or {})
+    # The renderer's own arguments cannot be overridden from a request.
+    kwargs = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_KWARGS}
     if enable_thinking is not None:
         kwargs.setdefault("enable_thinking", enable_thinking)
     if tools is None or tools.choice == "none":

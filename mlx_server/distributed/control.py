@@ -4,7 +4,9 @@ blocks the MLX thread forever.
 
 Each worker connects to rank 0, says hello, then both ends send a heartbeat every
 `rank_timeout / 5` seconds; rank 0 also sends the step plans on it. A side that sees the
-connection close, or hears nothing for `rank_timeout` seconds, treats the other as gone: rank 0
+connection close, or hears nothing for `rank_timeout` seconds (at least `LOADING_TIMEOUT` until
+every rank has loaded its part of the model: a process busy reading weights can be slow to
+answer), treats the other as gone: rank 0
 reports the failure (the server then fails its requests in-band and exits non-zero), a worker
 exits at once.
 """
@@ -34,8 +36,15 @@ from .plan import (
 log = logging.getLogger(__name__)
 
 
+LOADING_TIMEOUT = 120.0
+
+
 def _beat_every(rank_timeout: float) -> float:
     return max(0.05, rank_timeout / 5)
+
+
+def _silence_limit(sock: socket.socket) -> float:
+    return sock.gettimeout() or 0.0
 
 
 class Hub:
@@ -69,7 +78,7 @@ class Hub:
                 raise TimeoutError(f"ranks {missing} did not connect within {timeout:g} s")
             self._listener.settimeout(remaining)
             sock, addr = self._listener.accept()
-            sock.settimeout(self.rank_timeout)
+            sock.settimeout(max(self.rank_timeout, LOADING_TIMEOUT))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             got = read_frame(sock)
             if got is None or got[0] != KIND_HELLO:
@@ -86,6 +95,12 @@ class Hub:
                 target=self._watch, args=(rank, sock), name=f"rank{rank}-watch", daemon=True
             ).start()
         threading.Thread(target=self._beat, name="control-beat", daemon=True).start()
+
+    def loaded(self) -> None:
+        """Every rank has its part of the model: from now on, `rank_timeout` of silence is
+        a failure."""
+        for sock in self._socks.values():
+            sock.settimeout(self.rank_timeout)
 
     def on_failure(self, notify: Callable[[], None]) -> None:
         """Call `notify` (from some thread) once a failure is known; at once if it is."""
@@ -131,7 +146,7 @@ class Hub:
                     reason = "closed its connection (it exited or died)"
                     break
         except TimeoutError:
-            reason = f"stopped answering (silent for {self.rank_timeout:g} s)"
+            reason = f"stopped answering (silent for {_silence_limit(sock):g} s)"
         except OSError as exc:
             reason = f"lost its connection ({exc})"
         if not self._closed:
@@ -169,12 +184,17 @@ class Link:
                     raise
                 time.sleep(0.2)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(self.rank_timeout)
+        sock.settimeout(max(self.rank_timeout, LOADING_TIMEOUT))
         hello = {"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname()}
         sock.sendall(frame(KIND_HELLO, json.dumps(hello).encode()))
         self._sock = sock
         threading.Thread(target=self._read, name="control-read", daemon=True).start()
         threading.Thread(target=self._beat, name="control-beat", daemon=True).start()
+
+    def loaded(self) -> None:
+        """Every rank has its part of the model (see `Hub.loaded`)."""
+        if self._sock is not None:
+            self._sock.settimeout(self.rank_timeout)
 
     def stopping(self) -> None:
         """Rank 0 said stop: its closing the connection next is expected, not a failure."""
@@ -205,7 +225,7 @@ class Link:
                         self._stopping = True
                     self.plans.put(plan)
         except TimeoutError:
-            reason = f"rank 0 stopped answering (silent for {self.rank_timeout:g} s)"
+            reason = f"rank 0 stopped answering (silent for {_silence_limit(self._sock):g} s)"
         except OSError as exc:
             reason = f"lost the connection to rank 0 ({exc})"
         if self._stopping:

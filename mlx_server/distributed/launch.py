@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import attrs
@@ -78,7 +79,7 @@ def detect(environ: Mapping[str, str] | None = None) -> Launch | None:
 
 
 def _read_hostfile(value: str) -> list[list[str]]:
-    text = value if value.lstrip().startswith("[") else open(value, encoding="utf-8").read()
+    text = value if value.lstrip().startswith("[") else Path(value).read_text(encoding="utf-8")
     hosts = json.loads(text)
     if not isinstance(hosts, list):
         raise ValueError("MLX_HOSTFILE: expected a JSON list")

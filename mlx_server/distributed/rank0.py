@@ -44,6 +44,7 @@ class Rank0:
         self.parallel = parallel
         self.hub = Hub(launch.size, rank_timeout=rank_timeout)
         self.group: Group | None = None
+        self.plans = 0
 
     # -- on the executor thread --------------------------------------------------------------
 
@@ -61,10 +62,14 @@ class Rank0:
             raise ModelLoadError(f"distributed start failed: {exc}") from exc
         note = shard_model(model, group.group, self.parallel, str(config.get("model_type")))
         group.barrier()  # every rank has its part of the weights
+        self.hub.loaded()
         log.info("%s; %d ranks in lockstep", note, group.size)
         return note
 
     def publish(self, plan: StepPlan) -> None:
+        self.plans += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("plan %d: %s", self.plans, _describe(plan))
         self.hub.publish(plan)
 
     def share_tokens(self, tokens: mx.array) -> mx.array:
@@ -109,3 +114,9 @@ class Rank0:
 
     def close(self) -> None:
         self.hub.close()
+
+
+def _describe(plan: StepPlan) -> str:
+    names = [type(c).__name__ for c in plan.commands]
+    flags = [f for f in ("step", "reset", "stop") if getattr(plan, f)]
+    return " ".join([*names, *flags]) or "nothing"

@@ -16,6 +16,7 @@ from ..engine import model as model_loading
 from ..messages import Abort, Admit, ReleaseCache
 from .control import Link, _die
 from .launch import Launch
+from .rank0 import _describe
 
 if TYPE_CHECKING:
     import mlx.nn as nn
@@ -39,6 +40,7 @@ def run(settings: Settings, launch: Launch) -> int:
         log.info("rank %d: connected to rank 0 at %s:%d", launch.rank, host, port)
         note = shard_model(model, group.group, settings.parallel, str(config.get("model_type")))
         group.barrier()
+        link.loaded()
         shared["group"] = group
         return note
 
@@ -72,8 +74,12 @@ def run(settings: Settings, launch: Launch) -> int:
 def follow(engine: Any, link: Link) -> int:
     """Apply rank 0's plans until it says stop."""
     step_failed = False
+    plans = 0
     while True:
         plan = link.plans.get()
+        plans += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("rank %d: plan %d: %s", link.rank, plans, _describe(plan))
         if step_failed and not plan.reset:
             _die(f"rank {link.rank}: a step failed here but not on rank 0; exiting")
         step_failed = False

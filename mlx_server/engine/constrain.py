@@ -10,10 +10,12 @@ The spec kinds (`messages.ConstraintSpec`):
 
 - `json_object`: any JSON object.
 - `json_schema`: `source` is a JSON Schema (JSON text). Types, properties/required,
-  additionalProperties, items/prefixItems, min/maxItems, min/maxLength, pattern, format
-  (date-time, date, time, email, uuid, ...), enum/const, anyOf/oneOf/allOf, $ref/$defs
-  (recursion included), minimum/maximum. A keyword it cannot enforce (`not`, `if`/`then`, an
-  unknown `format`, ...) is a `ConstraintError`, never silently ignored.
+  additionalProperties, patternProperties, min/maxProperties, items/prefixItems, min/maxItems,
+  min/maxLength, pattern, format (date-time, date, time, duration, email, hostname, ipv4, ipv6,
+  uuid, uri), enum/const, anyOf/oneOf/allOf, $ref/$defs (recursion included), minimum/maximum,
+  exclusiveMinimum/exclusiveMaximum, multipleOf. A keyword it cannot enforce (`not`,
+  `if`/`then`, `uniqueItems`, `contains`, `propertyNames`, another `format`, ...) is a
+  `ConstraintError`, never silently ignored.
 - `regex`: `source` is a regular expression the whole output must match.
 - `lark`: `source` is a Lark grammar in llguidance's dialect
   (https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md). Its `start` rule is the
@@ -45,6 +47,7 @@ checking a spec in the frontend makes the executor's `start` a cheap copy.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import weakref
 from typing import TYPE_CHECKING
@@ -63,6 +66,8 @@ if TYPE_CHECKING:
 # where it closes. A schema's own "x-guidance" options come after these defaults.
 JSON_DEFAULTS: JsonCompileOptions = {"whitespace_flexible": False}
 
+log = logging.getLogger(__name__)
+
 CACHE_SIZE = 64
 """Compiled grammars kept per tokenizer (requests often repeat the same schema)."""
 
@@ -76,9 +81,12 @@ class ConstraintError(ValueError):
 class Constraint:
     """One request's matcher: the allowed next tokens, advanced by each chosen token."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
+    def __init__(
+        self, matcher: llguidance.LLMatcher, vocab_size: int, eos_ids: tuple[int, ...] = ()
+    ) -> None:
         self._matcher = matcher
         self._vocab_size = vocab_size
+        self._eos_ids = eos_ids
         self._bitmask = np.zeros((1, (vocab_size + 31) // 32), dtype=np.int32)
 
     def allowed(self, width: int) -> np.ndarray:
@@ -89,6 +97,9 @@ class Constraint:
         mask = np.zeros(width, dtype=np.bool_)
         n = min(width, self._vocab_size)
         mask[:n] = bits[:n]
+        if not mask.any():  # only after a matcher error (a parser limit hit): end the output
+            log.warning("constrained decoding failed: %s", self.error or "no token allowed")
+            mask[[i for i in self._eos_ids if i < width]] = True
         return mask
 
     def advance(self, token_id: int) -> bool:
@@ -128,6 +139,7 @@ class _Compiler:
                 f"structured output is not available for this model's tokenizer: {exc}"
             ) from exc
         self.vocab_size = self.lltok.vocab_size
+        self.eos_ids = tuple(sorted(tokenizer.eos_token_ids))
         self._lock = threading.Lock()
         self._compiled: collections.OrderedDict[ConstraintSpec, llguidance.LLMatcher] = (
             collections.OrderedDict()
@@ -139,7 +151,11 @@ class _Compiler:
             if pristine is not None:
                 self._compiled.move_to_end(spec)
                 return pristine.deep_copy()
-        matcher = llguidance.LLMatcher(self.lltok, grammar_of(spec), log_level=0)
+        grammar = grammar_of(spec)
+        try:
+            matcher = llguidance.LLMatcher(self.lltok, grammar, log_level=0)
+        except Exception as exc:  # documented never to raise for grammar errors; be sure
+            raise ConstraintError(_describe(spec, str(exc))) from exc
         if matcher.is_error():
             raise ConstraintError(_describe(spec, matcher.get_error()))
         with self._lock:
@@ -176,7 +192,7 @@ def grammar_of(spec: ConstraintSpec) -> str:
             return llguidance.LLMatcher.grammar_from_regex(spec.source)
         if spec.kind == "lark":
             return llguidance.LLMatcher.grammar_from_lark(spec.source)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise ConstraintError(_describe(spec, str(exc))) from exc
     raise ConstraintError(f"unknown constraint kind {spec.kind!r}")
 
@@ -201,4 +217,4 @@ def check(spec: ConstraintSpec, tokenizer: Tokenizer) -> None:
 def start(spec: ConstraintSpec, tokenizer: Tokenizer) -> Constraint:
     """A fresh matcher for one request; ConstraintError if the spec cannot be enforced."""
     compiler = _compiler(tokenizer)
-    return Constraint(compiler.matcher(spec), compiler.vocab_size)
+    return Constraint(compiler.matcher(spec), compiler.vocab_size, compiler.eos_ids)

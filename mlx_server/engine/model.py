@@ -108,19 +108,22 @@ def load(
     """Load the model a user configured (None: the bundled default), then prepare its weights
     for the device (see `engine.cpu`: float32 on a CPU with a fast BLAS).
 
-    `shard` (distributed serving) keeps only this rank's part of the model, after the device
-    preparation; it returns a note on what it did."""
-    loaded = _load(spec, served_name)
+    `shard` (distributed serving) keeps only this rank's part of the model and returns a note
+    on what it did. The weights are then loaded lazily, so a rank reads only the weights of its
+    own part (a model that fits no single machine can load), and the whole model's size is not
+    checked against this machine's memory."""
+    loaded = _load(spec, served_name, lazy=shard is not None)
+    note = shard(loaded.model, loaded.config) if shard is not None else ""
     loaded.device_note = prepare_for_device(loaded.model, cpu_dequantize)
-    if shard is not None:
-        loaded.device_note += "; " + shard(loaded.model, loaded.config)
+    if note:
+        loaded.device_note += "; " + note
     params: Any = tree_flatten(loaded.model.parameters())
     loaded.weights_bytes = sum(int(v.nbytes) for _, v in params)
     log.info("%s: %s", loaded.name, loaded.device_note)
     return loaded
 
 
-def _load(spec: str | None, served_name: str | None) -> LoadedModel:
+def _load(spec: str | None, served_name: str | None, *, lazy: bool = False) -> LoadedModel:
     name = served_name or model_name_for(spec)
     if spec is None:
         path = default_model_path()
@@ -132,8 +135,8 @@ def _load(spec: str | None, served_name: str | None) -> LoadedModel:
             if path.suffix.lower() == ".gguf":
                 return _load_gguf(path, name, source=str(path))
             raise ModelLoadError(f"{path}: not a model directory or a .gguf file")
-        return _load_mlx_dir(_resolve_hf_cache_root(path), name, source=str(path))
-    return _load_mlx_dir(fetch_from_hub(spec), name, source=f"hf:{spec}")
+        return _load_mlx_dir(_resolve_hf_cache_root(path), name, source=str(path), lazy=lazy)
+    return _load_mlx_dir(fetch_from_hub(spec), name, source=f"hf:{spec}", lazy=lazy)
 
 
 def _resolve_hf_cache_root(path: Path) -> Path:
@@ -206,7 +209,7 @@ def check_model_type(model_type: Any, where: str) -> None:
         )
 
 
-def _load_mlx_dir(model_dir: Path, name: str, *, source: str) -> LoadedModel:
+def _load_mlx_dir(model_dir: Path, name: str, *, source: str, lazy: bool = False) -> LoadedModel:
     from mlx_lm.utils import load_model
 
     config = _read_config(model_dir)
@@ -214,9 +217,10 @@ def _load_mlx_dir(model_dir: Path, name: str, *, source: str) -> LoadedModel:
     if not list(model_dir.glob("*.safetensors")):
         raise ModelLoadError(f"{model_dir}: no .safetensors weight files")
     tokenizer = load_hf_tokenizer(model_dir, config)
-    check_fits(weights_bytes(model_dir), str(model_dir))
+    if not lazy:
+        check_fits(weights_bytes(model_dir), str(model_dir))
     try:
-        model, config = load_model(model_dir)
+        model, config = load_model(model_dir, lazy=lazy)
     except Exception as exc:  # mlx_lm raises ValueError/RuntimeError/OSError on bad weights
         raise ModelLoadError(f"{model_dir}: cannot load weights: {exc}") from exc
     model.eval()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import numpy as np
 
 from ..messages import SamplingParams
 from .constrain import Constraint
@@ -40,7 +41,6 @@ class RowSampler:
         p = self.params
         return (
             self.bias_ids is not None
-            or self.constraint is not None
             or (p.repetition_penalty != 1.0 and bool(self.counts))
             or (p.presence_penalty != 0.0 and bool(self.counts))
             or (p.frequency_penalty != 0.0 and bool(self.counts))
@@ -57,8 +57,7 @@ class RowSampler:
         return self.constraint is not None and self.constraint.done
 
     def process(self, logits: mx.array) -> mx.array:
-        """Apply logit bias, penalties and the grammar's mask to one row of logits (shape
-        (V,))."""
+        """Apply logit bias and penalties to one row of logits (shape (V,))."""
         p = self.params
         if self.bias_ids is not None and self.bias_vals is not None:
             logits = logits.at[self.bias_ids].add(self.bias_vals)
@@ -71,9 +70,6 @@ class RowSampler:
             if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
                 freq = mx.array(list(self.counts.values()), dtype=mx.float32)
                 logits = logits.at[ids].add(-(p.presence_penalty + p.frequency_penalty * freq))
-        if self.constraint is not None:
-            allowed = mx.array(self.constraint.allowed(logits.shape[-1]))
-            logits = mx.where(allowed, logits, NEG_INF)
         return logits
 
     def next_key(self) -> mx.array | None:
@@ -119,6 +115,13 @@ def sample_batch(logits: mx.array, samplers: list[RowSampler]) -> tuple[mx.array
             for i, s in enumerate(samplers)
         ]
         logits = mx.stack(rows)
+    constrained = [(i, s.constraint) for i, s in enumerate(samplers) if s.constraint is not None]
+    if constrained:
+        # One (B, V) mask and one `where` for the whole batch; unconstrained rows allow all.
+        allowed: np.ndarray = np.ones(logits.shape, dtype=np.bool_)
+        for i, constraint in constrained:
+            allowed[i] = constraint.allowed(logits.shape[-1])
+        logits = mx.where(mx.array(allowed), logits, NEG_INF)
     if not any(not s.params.greedy or s.params.logprobs for s in samplers):
         # All greedy (the common case): no normalisation needed to take the argmax.
         return mx.argmax(logits, axis=-1).astype(mx.uint32), logits

@@ -114,12 +114,33 @@ def _call_from_object(obj: Any, *keys: str) -> ToolCall | None:
     return None if text is None else ToolCall(name=name, arguments=text)
 
 
-def _calls_from_json(text: str, *keys: str) -> list[ToolCall] | None:
+def _json_values(text: str) -> list[Any] | None:
+    """One JSON value, or several in a row (separated by whitespace, commas or semicolons, as
+    models sometimes put two calls in one block); None when the text is not that."""
     try:
-        value = json.loads(text)
+        return [json.loads(text)]
     except ValueError:
+        pass
+    decoder = json.JSONDecoder()
+    values: list[Any] = []
+    at = 0
+    while True:
+        while at < len(text) and text[at] in " \t\r\n,;":
+            at += 1
+        if at >= len(text):
+            return values or None
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return None
+        values.append(value)
+
+
+def _calls_from_json(text: str, *keys: str) -> list[ToolCall] | None:
+    values = _json_values(text)
+    if values is None:
         return None
-    items = value if isinstance(value, list) else [value]
+    items = values[0] if len(values) == 1 and isinstance(values[0], list) else values
     calls = [_call_from_object(item, *keys) for item in items]
     if not calls or any(c is None for c in calls):
         return None
