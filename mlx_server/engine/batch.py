@@ -93,6 +93,8 @@ class BatchEngine:
         self.can_reuse = all(type(c) is KVCache for c in make_prompt_cache(model))
         # Distributed serving: makes every rank use rank 0's sampled tokens (lazily, in-graph).
         self.share_tokens: Callable[[mx.array], mx.array] | None = None
+        # The next tokens of the first rows of the batch, computed ahead and not yet read.
+        self._pending: mx.array | None = None
 
     # -- commands --------------------------------------------------------------------------
 
@@ -142,6 +144,7 @@ class BatchEngine:
         self.prefilling.clear()
         self.running = []
         self.batch_cache = None
+        self._pending = None
         return [self._finished(s, reason, None) for s in seqs]
 
     def release(self, handles: Iterable[int]) -> None:
@@ -194,19 +197,89 @@ class BatchEngine:
             self._join(seq)
 
     def _decode(self, events: list[StepEvent]) -> None:
+        """One decode pass over the batch, kept one step ahead where it is safe.
+
+        When every row samples without looking at its history (no penalties, no grammar, no
+        logprobs), the next pass is launched (`mx.async_eval`) on this pass's tokens before
+        they are read back, as mlx-lm's generators do: the device computes step n+1 while
+        this thread turns step n into events. A row that finishes at step n then took part in
+        step n+1 for nothing, and is dropped from it."""
         assert self.batch_cache is not None
-        inputs = mx.array([[s.generated[-1]] for s in self.running], dtype=mx.uint32)
+        pending, self._pending = self._pending, None
+        if pending is None:
+            inputs = mx.array([[s.generated[-1]] for s in self.running], dtype=mx.uint32)
+        else:
+            # The rows with an unread token are the first ones (joins are appended).
+            fresh = [[s.generated[-1]] for s in self.running[len(pending) :]]
+            inputs = pending[:, None]
+            if fresh:
+                inputs = mx.concatenate([inputs, mx.array(fresh, dtype=mx.uint32)])
+        if pending is not None or self._pipelineable():
+            rows = list(self.running)
+            launched = self._launch(inputs, rows)
+            mx.async_eval(launched)
+            if pending is not None:
+                # The previous pass's tokens: the caches now hold them too.
+                tokens: list[int] = pending.tolist()  # type: ignore[assignment]
+                self._emit(rows[: len(tokens)], tokens, events)
+                keep = self._retire(rows[: len(tokens)], tokens, events, cache_has_last=True)
+                if len(keep) < len(rows):
+                    keep += range(len(tokens), len(rows))
+                    launched = launched[mx.array(keep, dtype=mx.int32)]
+            if self.running and self._pipelineable():
+                self._pending = launched
+                return
+            if not self.running:
+                return
+            tokens = launched.tolist()  # type: ignore[assignment]
+            self._emit(self.running, tokens, events)
+            self._retire(list(self.running), tokens, events, cache_has_last=False)
+            return
         logits = self.model(inputs, cache=self.batch_cache)[:, -1, :]
         tokens = self._sample_rows(logits, self.running, events)
+        self._retire(list(self.running), tokens, events, cache_has_last=False)
+
+    def _pipelineable(self) -> bool:
+        return all(s.sampler.history_free and not s.request.sampling.logprobs for s in self.running)
+
+    def _launch(self, inputs: mx.array, rows: list[Sequence]) -> mx.array:
+        """The lazy tokens of one decode pass (nothing is evaluated here)."""
+        assert self.batch_cache is not None
+        logits = self.model(inputs, cache=self.batch_cache)[:, -1, :]
+        tokens, _ = sample_batch(logits, [s.sampler for s in rows])
+        if self.share_tokens is not None:
+            tokens = self.share_tokens(tokens)
+        return tokens
+
+    def _emit(self, rows: list[Sequence], tokens: list[int], events: list[StepEvent]) -> None:
+        for seq, token in zip(rows, tokens, strict=True):
+            seq.generated.append(token)
+            seq.sampler.observe(token)
+            if not self._is_terminal(seq, token):
+                events.append(TokenOut(request_id=seq.rid, token_id=token))
+
+    def _retire(
+        self,
+        rows: list[Sequence],
+        tokens: list[int],
+        events: list[StepEvent],
+        *,
+        cache_has_last: bool,
+    ) -> list[int]:
+        """Finish the rows whose last token ends them (rows are the first rows of the batch);
+        returns the indices of the rows kept."""
+        assert self.batch_cache is not None
         done: list[int] = []
-        for i, (seq, token) in enumerate(zip(self.running, tokens, strict=True)):
+        for i, (seq, token) in enumerate(zip(rows, tokens, strict=True)):
             reason = self._finish_reason(seq, token)
             if reason is not None:
                 cache = [c.extract(i) for c in self.batch_cache] if self._keeping(seq) else None
-                events.append(self._finished(seq, reason, cache))
+                events.append(self._finished(seq, reason, cache, cache_has_last=cache_has_last))
                 done.append(i)
         if done:
             self._drop_rows(done)
+        drop = set(done)
+        return [i for i in range(len(rows)) if i not in drop]
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -290,6 +363,9 @@ class BatchEngine:
     def _drop_rows(self, rows: list[int]) -> None:
         drop = set(rows)
         keep = [i for i in range(len(self.running)) if i not in drop]
+        if self._pending is not None:
+            kept = [i for i in keep if i < len(self._pending)]
+            self._pending = self._pending[mx.array(kept, dtype=mx.int32)] if kept else None
         self.running = [self.running[i] for i in keep]
         if not keep:
             self.batch_cache = None
@@ -298,12 +374,19 @@ class BatchEngine:
                 c.filter(keep)
 
     def _finished(
-        self, seq: Sequence, reason: FinishReason, cache: list[Any] | None
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        cache: list[Any] | None,
+        *,
+        cache_has_last: bool = False,
     ) -> SequenceFinished:
         stored = None
         if cache is not None and self._keeping(seq) and reason != "abort":
-            # The cache holds the prompt and every generated token but the last.
-            token_ids = (*seq.prompt, *seq.generated[:-1])
+            # The cache holds the prompt and every generated token but the last (which it
+            # holds too when the next pass was launched ahead).
+            kept = seq.generated if cache_has_last else seq.generated[:-1]
+            token_ids = (*seq.prompt, *kept)
             handle = self._next_handle
             self._next_handle += 1
             # Evaluate now: an unevaluated row slice keeps the whole batch's KV arrays alive.

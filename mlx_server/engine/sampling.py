@@ -37,6 +37,18 @@ class RowSampler:
         self.counts: dict[int, int] = {}
 
     @property
+    def history_free(self) -> bool:
+        """Whether the next token's distribution ignores the tokens before it (no penalties,
+        no grammar): such a row can be sampled a step ahead of reading its last token."""
+        p = self.params
+        return (
+            self.constraint is None
+            and p.repetition_penalty == 1.0
+            and p.presence_penalty == 0.0
+            and p.frequency_penalty == 0.0
+        )
+
+    @property
     def needs_processing(self) -> bool:
         p = self.params
         return (
