@@ -187,3 +187,29 @@ def test_logit_bias_forces_a_token(tiny_llama: Path) -> None:
     )
     tokens, _ = run(engine, [Admit(request=req)])
     assert tokens["bias"] == [1234] * 4
+
+
+def test_unseeded_temperature_rows_are_drawn_together_each_from_its_own_row() -> None:
+    from mlx_server.engine.sampling import RowSampler, sample_batch
+
+    vocab = 64
+    logits = mx.full((3, vocab), -30.0)
+    logits[0, 5] = 0.0  # each row puts (nearly) all its mass on one token
+    logits[1, 9] = 0.0
+    logits[2, 17] = 0.0
+    samplers = [
+        RowSampler(SamplingParams(temperature=1.0), vocab),
+        RowSampler(SamplingParams(temperature=0.0), vocab),  # greedy, between sampled rows
+        RowSampler(SamplingParams(temperature=0.7, top_p=0.9), vocab),  # filtered: one by one
+    ]
+    for _ in range(20):
+        tokens, _ = sample_batch(logits, samplers)
+        assert tokens.tolist() == [5, 9, 17]
+    # Temperature flattens the draw: two equal tokens both come up.
+    flat = mx.zeros((1, vocab))
+    flat[0, 2:] = -30.0
+    seen = {
+        sample_batch(flat, [RowSampler(SamplingParams(temperature=2.0), vocab)])[0].item()
+        for _ in range(60)
+    }
+    assert seen == {0, 1}

@@ -141,13 +141,28 @@ def sample_batch(logits: mx.array, samplers: list[RowSampler]) -> tuple[mx.array
     tokens = mx.argmax(logprobs, axis=-1)
     sampled_rows = [i for i, s in enumerate(samplers) if not s.params.greedy]
     if sampled_rows:
-        picks = []
-        for i in sampled_rows:
-            s = samplers[i]
-            filtered = filter_logits(logprobs[i], s.params)
-            key = s.next_key()
-            picks.append(mx.random.categorical(filtered, key=key))
-        idx = mx.array(sampled_rows, dtype=mx.int32)
         tokens = tokens.astype(mx.uint32)
-        tokens[idx] = mx.stack(picks).astype(mx.uint32)
+        # Rows with temperature alone and no seed are drawn together in one call; the others
+        # (filters, or a seed and so a key of their own) one by one.
+        plain = [i for i in sampled_rows if _temperature_only(samplers[i])]
+        if plain:
+            idx = mx.array(plain, dtype=mx.int32)
+            temps = mx.array([max(samplers[i].params.temperature, 1e-5) for i in plain])
+            drawn = mx.random.categorical(logprobs[idx] / temps[:, None], axis=-1)
+            tokens[idx] = drawn.astype(mx.uint32)
+        rest = [i for i in sampled_rows if i not in set(plain)]
+        if rest:
+            picks = []
+            for i in rest:
+                s = samplers[i]
+                filtered = filter_logits(logprobs[i], s.params)
+                key = s.next_key()
+                picks.append(mx.random.categorical(filtered, key=key))
+            idx = mx.array(rest, dtype=mx.int32)
+            tokens[idx] = mx.stack(picks).astype(mx.uint32)
     return tokens.astype(mx.uint32), logprobs
+
+
+def _temperature_only(sampler: RowSampler) -> bool:
+    p = sampler.params
+    return sampler.key is None and p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0
