@@ -17,10 +17,11 @@ import json
 import logging
 import os
 import queue
+import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from .plan import (
     KIND_BEAT,
@@ -43,8 +44,32 @@ def _beat_every(rank_timeout: float) -> float:
     return max(0.05, rank_timeout / 5)
 
 
-def _silence_limit(sock: socket.socket) -> float:
-    return sock.gettimeout() or 0.0
+class Silent(Exception):
+    """Nothing came from the other side for longer than its limit."""
+
+
+def _frames(sock: socket.socket, limit: Callable[[], float]) -> Iterator[tuple[bytes, bytes]]:
+    """The frames from `sock` until it closes, each awaited at most `limit()` seconds (read
+    again while waiting, so a limit lowered meanwhile applies at once); `Silent` past it."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ)
+        while True:
+            got = _next_frame(sock, selector, limit)
+            if got is None:
+                return
+            yield got
+
+
+def _next_frame(
+    sock: socket.socket, selector: selectors.BaseSelector, limit: Callable[[], float]
+) -> tuple[bytes, bytes] | None:
+    since = time.monotonic()
+    while True:
+        if selector.select(timeout=0.1):
+            return read_frame(sock)  # a frame once begun has the socket's timeout to finish
+        silent = time.monotonic() - since
+        if silent > limit():
+            raise Silent(f"silent for {limit():g} s")
 
 
 class Hub:
@@ -60,6 +85,7 @@ class Hub:
         self._send_lock = threading.Lock()
         self._notify: list[Callable[[], None]] = []
         self._closed = False
+        self._limit = max(rank_timeout, LOADING_TIMEOUT)
 
     def listen(self, host: str = "") -> int:
         """Bind the control port (any free one) on all interfaces; return it."""
@@ -78,7 +104,7 @@ class Hub:
                 raise TimeoutError(f"ranks {missing} did not connect within {timeout:g} s")
             self._listener.settimeout(remaining)
             sock, addr = self._listener.accept()
-            sock.settimeout(max(self.rank_timeout, LOADING_TIMEOUT))
+            sock.settimeout(self.rank_timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             got = read_frame(sock)
             if got is None or got[0] != KIND_HELLO:
@@ -99,8 +125,7 @@ class Hub:
     def loaded(self) -> None:
         """Every rank has its part of the model: from now on, `rank_timeout` of silence is
         a failure."""
-        for sock in self._socks.values():
-            sock.settimeout(self.rank_timeout)
+        self._limit = self.rank_timeout
 
     def on_failure(self, notify: Callable[[], None]) -> None:
         """Call `notify` (from some thread) once a failure is known; at once if it is."""
@@ -140,13 +165,13 @@ class Hub:
 
     def _watch(self, rank: int, sock: socket.socket) -> None:
         try:
-            while True:
-                got = read_frame(sock)
-                if got is None:
-                    reason = "closed its connection (it exited or died)"
-                    break
+            for _ in _frames(sock, lambda: self._limit):
+                pass
+            reason = "closed its connection (it exited or died)"
+        except Silent as exc:
+            reason = f"stopped answering ({exc})"
         except TimeoutError:
-            reason = f"stopped answering (silent for {_silence_limit(sock):g} s)"
+            reason = f"stopped in the middle of a message (for {self.rank_timeout:g} s)"
         except OSError as exc:
             reason = f"lost its connection ({exc})"
         if not self._closed:
@@ -172,6 +197,7 @@ class Link:
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._stopping = False
+        self._limit = max(rank_timeout, LOADING_TIMEOUT)
 
     def connect(self, host: str, port: int, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -184,7 +210,7 @@ class Link:
                     raise
                 time.sleep(0.2)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(max(self.rank_timeout, LOADING_TIMEOUT))
+        sock.settimeout(self.rank_timeout)
         hello = {"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname()}
         sock.sendall(frame(KIND_HELLO, json.dumps(hello).encode()))
         self._sock = sock
@@ -193,8 +219,7 @@ class Link:
 
     def loaded(self) -> None:
         """Every rank has its part of the model (see `Hub.loaded`)."""
-        if self._sock is not None:
-            self._sock.settimeout(self.rank_timeout)
+        self._limit = self.rank_timeout
 
     def stopping(self) -> None:
         """Rank 0 said stop: its closing the connection next is expected, not a failure."""
@@ -213,19 +238,17 @@ class Link:
     def _read(self) -> None:
         assert self._sock is not None
         try:
-            while True:
-                got = read_frame(self._sock)
-                if got is None:
-                    reason = "rank 0 closed the control connection"
-                    break
-                kind, body = got
+            for kind, body in _frames(self._sock, lambda: self._limit):
                 if kind == KIND_PLAN:
                     plan = decode_plan(body)
                     if plan.stop:
                         self._stopping = True
                     self.plans.put(plan)
+            reason = "rank 0 closed the control connection"
+        except Silent as exc:
+            reason = f"rank 0 stopped answering ({exc})"
         except TimeoutError:
-            reason = f"rank 0 stopped answering (silent for {_silence_limit(self._sock):g} s)"
+            reason = f"rank 0 stopped in the middle of a message (for {self.rank_timeout:g} s)"
         except OSError as exc:
             reason = f"lost the connection to rank 0 ({exc})"
         if self._stopping:

@@ -95,6 +95,7 @@ class BatchEngine:
         self.share_tokens: Callable[[mx.array], mx.array] | None = None
         # The next tokens of the first rows of the batch, computed ahead and not yet read.
         self._pending: mx.array | None = None
+        self._batched = False  # whether batch_cache holds batched caches or one row's own
 
     # -- commands --------------------------------------------------------------------------
 
@@ -273,7 +274,7 @@ class BatchEngine:
         for i, (seq, token) in enumerate(zip(rows, tokens, strict=True)):
             reason = self._finish_reason(seq, token)
             if reason is not None:
-                cache = [c.extract(i) for c in self.batch_cache] if self._keeping(seq) else None
+                cache = self._row_cache(i) if self._keeping(seq) else None
                 events.append(self._finished(seq, reason, cache, cache_has_last=cache_has_last))
                 done.append(i)
         if done:
@@ -350,15 +351,28 @@ class BatchEngine:
         return self.keep_caches and self.can_reuse and len(seq.prompt) > 1
 
     def _join(self, seq: Sequence) -> None:
+        """Add a row to the decode batch. A row alone keeps its own single-sequence cache (the
+        batched cache's padding and masks cost a lone stream a third of its speed on a GPU);
+        a second row turns the batch into batched caches."""
         assert seq.cache is not None
-        merged = [c.merge([c]) for c in seq.cache]
-        seq.cache = None
+        cache, seq.cache = seq.cache, None
         if self.batch_cache is None:
-            self.batch_cache = merged
+            self.batch_cache = cache
+            self._batched = False
         else:
-            for mine, new in zip(self.batch_cache, merged, strict=True):
-                mine.extend(new)
+            if not self._batched:
+                self.batch_cache = [c.merge([c]) for c in self.batch_cache]
+                self._batched = True
+            for mine, new in zip(self.batch_cache, cache, strict=True):
+                mine.extend(new.merge([new]))
         self.running.append(seq)
+
+    def _row_cache(self, i: int) -> list[Any]:
+        """Row i's cache on its own (for the prompt cache)."""
+        assert self.batch_cache is not None
+        if not self._batched:
+            return list(self.batch_cache)
+        return [c.extract(i) for c in self.batch_cache]
 
     def _drop_rows(self, rows: list[int]) -> None:
         drop = set(rows)
@@ -372,6 +386,10 @@ class BatchEngine:
         elif self.batch_cache is not None:
             for c in self.batch_cache:
                 c.filter(keep)
+            if len(keep) == 1 and self.can_reuse:
+                # Alone again: back to a plain cache (KV caches only; others stay batched).
+                self.batch_cache = [c.extract(0) for c in self.batch_cache]
+                self._batched = False
 
     def _finished(
         self,
