@@ -100,13 +100,28 @@ class ScriptedModel(nn.Module):
         self._plan = _Plan(tokenizer, scripts, end if end in eos else eos[0])
         self._vocab = vocab_size
 
+        # The engine runs prompt chunks through `model.model` (the backbone) and only the last
+        # prompt token and decode steps through the model itself.
+        self.model = _PromptChunks(self)
+
     def make_cache(self) -> list[Any]:
         return [KVCache()]
 
     def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
         assert cache is not None
         store = cache[0]
-        kind = GENERATED if isinstance(store, BatchKVCache) else PROMPT
+        if isinstance(store, BatchKVCache):
+            kind = GENERATED
+        else:
+            # A lone row decodes in its own plain cache: the first call that is not a prompt
+            # chunk reads the last prompt token; every later one (or any on a cache that
+            # already holds generated tokens) is a decode step.
+            started = getattr(store, "scripted_started", False)
+            kind = GENERATED if started or _has_generated(store) else PROMPT
+            store.scripted_started = True
+        return self._record(inputs, store, kind)
+
+    def _record(self, inputs: mx.array, store: Any, kind: float) -> mx.array:
         ids = inputs.astype(mx.float32)
         entry = mx.stack([ids, mx.full(ids.shape, kind)], axis=-1)[:, None, :, :]
         keys, _ = store.update_and_fetch(entry, entry)
@@ -121,6 +136,25 @@ class ScriptedModel(nn.Module):
             nxt = script[done] if done < len(script) else self._plan.eos_id
             logits[row, 0, nxt] = 0.0
         return mx.array(logits)
+
+
+class _PromptChunks:
+    """`ScriptedModel.model`: what the engine runs prompt chunks through (a plain object, not a
+    module, so the model's module tree stays acyclic)."""
+
+    def __init__(self, owner: ScriptedModel) -> None:
+        self._owner = owner
+
+    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
+        assert cache is not None
+        return self._owner._record(inputs, cache[0], PROMPT)
+
+
+def _has_generated(store: Any) -> bool:
+    if store.keys is None or not store.offset:
+        return False
+    kinds = np.array(store.keys[0, 0, : store.offset, 1].astype(mx.float32))
+    return bool((kinds == GENERATED).any())
 
 
 def wrap_loaded(loaded: Any, scripts: list[Script]) -> Any:
