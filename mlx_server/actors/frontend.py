@@ -7,7 +7,6 @@ in a worker thread so a long prompt never stalls the event loop.
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import json
 import math
@@ -23,7 +22,6 @@ from ..engine.embeddings import EmbeddingBatch, EmbeddingsUnsupported, hidden_si
 from ..engine.model import LoadedModel
 from ..errors import (
     InvalidRequest,
-    NotFound,
     Overloaded,
     RequestTimeout,
     ServiceUnavailable,
@@ -62,29 +60,6 @@ class Frontend:
         self.created = int(time.time())
         ctx = loaded.config.get("max_position_embeddings")
         self.context_length: int = int(ctx) if isinstance(ctx, int) and ctx > 0 else 1 << 20
-
-    def serves(self, requested: str) -> bool:
-        """Whether a request's model name means the served model: its name (case-insensitive),
-        the part after the organisation of a repo id, "default", or a configured alias
-        (shell-style patterns such as `claude-*`)."""
-        name = requested.lower()
-        own = self.model_name.lower()
-        if name in (own, own.rsplit("/", 1)[-1], "default"):
-            return True
-        return any(fnmatch.fnmatchcase(name, a.lower()) for a in self.model_aliases)
-
-    def check_model(self, requested: object, *, param: str = "model") -> None:
-        """A request naming a model we do not serve gets 404 model_not_found."""
-        if requested is None or requested == "":
-            return
-        if not isinstance(requested, str):
-            raise InvalidRequest(f"'{param}' must be a string", param=param)
-        if not self.serves(requested):
-            raise NotFound(
-                f"the model {requested!r} does not exist; this server serves {self.model_name!r}",
-                param=param,
-                code="model_not_found",
-            )
 
     @property
     def scheduler(self) -> Scheduler:
