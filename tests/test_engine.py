@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlx.core as mx
@@ -213,3 +215,53 @@ def test_unseeded_temperature_rows_are_drawn_together_each_from_its_own_row() ->
         for _ in range(60)
     }
     assert seen == {0, 1}
+
+
+def drain(engine: BatchEngine, first: Sequence[object] = ()) -> dict[str, list[int]]:
+    tokens: dict[str, list[int]] = collections.defaultdict(list)
+    events: Sequence[object] = first
+    while True:
+        for ev in events:
+            if isinstance(ev, TokenOut):
+                tokens[ev.request_id].append(ev.token_id)
+        if not engine.has_work:
+            return tokens
+        events = engine.step()
+
+
+def test_prompts_arriving_together_are_read_in_one_batch(tiny_llama: Path) -> None:
+    """Fresh prompts admitted together are read in one left-padded pass; each row's tokens
+    equal what it gets alone, including a row that ends at its first token and rows that join
+    a row already decoding."""
+    loaded = load(str(tiny_llama))
+    vocab = loaded.tokenizer.vocab_size
+    prompts = [
+        loaded.tokenizer.encode(
+            loaded.template.render([{"role": "user", "content": f"Tell me about {t}"}])
+        )
+        for t in ("cats", "the sea and the sky at dawn", "x", "prime numbers 2 3 5 7 11")
+    ]
+    alone_engine = BatchEngine(loaded.model, eos_token_ids=[], vocab_size=vocab)
+    assert alone_engine.batch_prefill
+    alone = [run(alone_engine, [greedy(f"a{i}", p, 12)])[0][f"a{i}"] for i, p in enumerate(prompts)]
+
+    engine = BatchEngine(loaded.model, eos_token_ids=[], vocab_size=vocab)
+    limits = (12, 1, 12, 12)
+    for i, (p, n) in enumerate(zip(prompts, limits, strict=True)):
+        engine.admit(greedy(str(i), p, n))
+    events = engine.step()  # one step reads all four prompts
+    firsts = [e for e in events if isinstance(e, TokenOut)]
+    assert sorted(e.request_id for e in firsts) == ["0", "1", "2", "3"]
+    assert not engine.prefilling and len(engine.running) == 3
+    tokens = drain(engine, events)
+    for i, n in enumerate(limits):
+        assert tokens[str(i)] == alone[i][:n], f"prompt {i}"
+
+    # A group joining a row that is already decoding.
+    engine.admit(greedy("early", prompts[0], 12))
+    early = engine.step()
+    for i, p in enumerate(prompts[1:3]):
+        engine.admit(greedy(f"late{i}", p, 12))
+    tokens = drain(engine, early)
+    assert tokens["early"] == alone[0]
+    assert tokens["late0"] == alone[1] and tokens["late1"] == alone[2]

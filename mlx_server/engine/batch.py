@@ -20,7 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
 from ..messages import (
     Admit,
@@ -90,7 +90,11 @@ class BatchEngine:
         self._next_handle = 1
         self._backbone = getattr(model, "model", None)
         # Prompt reuse needs caches that can be cut to a prefix (plain KV caches).
-        self.can_reuse = all(type(c) is KVCache for c in make_prompt_cache(model))
+        caches = make_prompt_cache(model)
+        self.can_reuse = all(type(c) is KVCache for c in caches)
+        self._n_caches = len(caches)
+        # New prompts that arrive together are read in one left-padded batch (plain KV models).
+        self.batch_prefill = self.can_reuse and getattr(model, "batched_prefill", True)
         # Distributed serving: makes every rank use rank 0's sampled tokens (lazily, in-graph).
         self.share_tokens: Callable[[mx.array], mx.array] | None = None
         # The next tokens of the first rows of the batch, computed ahead and not yet read.
@@ -163,6 +167,9 @@ class BatchEngine:
 
     def _prefill(self, events: list[StepEvent]) -> None:
         budget = self.prefill_chunk
+        group = self._fresh_group(budget)
+        if len(group) > 1:
+            budget -= self._prefill_group(group, events)
         while budget > 0 and self.prefilling:
             seq = self.prefilling[0]
             assert seq.cache is not None
@@ -196,6 +203,71 @@ class BatchEngine:
                 events.append(self._finished(seq, reason, seq.cache))
                 continue
             self._join(seq)
+
+    def _fresh_group(self, budget: int) -> list[Sequence]:
+        """The waiting requests at the front of the queue that can be read together in one
+        pass: nothing cached or read yet, all of their prompts within this step's budget."""
+        group: list[Sequence] = []
+        if not self.batch_prefill:
+            return group
+        total = 0
+        for seq in self.prefilling:
+            if seq.prefilled or seq.cached_tokens or total + len(seq.prompt) > budget:
+                break
+            total += len(seq.prompt)
+            group.append(seq)
+        return group
+
+    def _prefill_group(self, group: list[Sequence], events: list[StepEvent]) -> int:
+        """Read several whole prompts in one left-padded batch (as mlx-lm's BatchGenerator
+        does), sample their first tokens together and join them to the decode batch; returns
+        the prompt tokens read."""
+        for _ in group:
+            self.prefilling.popleft()
+        width = max(len(s.prompt) for s in group)
+        pads = [width - len(s.prompt) for s in group]
+        tokens = mx.array([[0] * p + s.prompt for p, s in zip(pads, group, strict=True)])
+        cache: list[Any] = [BatchKVCache(pads) for _ in range(self._n_caches)]
+        if width > 1:
+            self._forward_hidden(tokens[:, :-1], cache)
+        logits = self.model(tokens[:, -1:], cache=cache)[:, -1, :]
+        for seq in group:
+            seq.prefilled = len(seq.prompt)
+            seq.cache = None
+            events.append(
+                PrefillProgress(request_id=seq.rid, done=seq.prefilled, total=seq.prefilled)
+            )
+        sampled = self._sample_rows(logits, group, events)
+        keep: list[int] = []
+        for i, (seq, token) in enumerate(zip(group, sampled, strict=True)):
+            reason = self._finish_reason(seq, token)
+            if reason is None:
+                keep.append(i)
+                continue
+            row = [c.extract(i) for c in cache] if self._keeping(seq) else None
+            events.append(self._finished(seq, reason, row))
+        if keep:
+            if len(keep) < len(group):
+                for c in cache:
+                    c.filter(keep)
+            self._join_rows([group[i] for i in keep], cache)
+        return sum(len(s.prompt) for s in group)
+
+    def _join_rows(self, rows: list[Sequence], cache: list[Any]) -> None:
+        """Add rows whose batched caches are `cache` to the decode batch."""
+        if len(rows) == 1:
+            rows[0].cache = [c.extract(0) for c in cache]
+            self._join(rows[0])
+            return
+        if self.batch_cache is None:
+            self.batch_cache = cache
+        else:
+            if not self._batched:
+                self.batch_cache = [c.merge([c]) for c in self.batch_cache]
+            for mine, new in zip(self.batch_cache, cache, strict=True):
+                mine.extend(new)
+        self._batched = True
+        self.running.extend(rows)
 
     def _decode(self, events: list[StepEvent]) -> None:
         """One decode pass over the batch, kept one step ahead where it is safe.

@@ -93,6 +93,10 @@ class _Plan:
 class ScriptedModel(nn.Module):
     """Logits one-hot on each row's next scripted token (see the module docstring)."""
 
+    # Prompts are read one request at a time: a left-padded batch would record its padding
+    # as prompt tokens and read its last prompt tokens through a batched cache.
+    batched_prefill = False
+
     def __init__(self, tokenizer: Tokenizer, scripts: list[Script], vocab_size: int) -> None:
         super().__init__()
         eos = sorted(tokenizer.eos_token_ids)
