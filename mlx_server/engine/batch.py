@@ -206,16 +206,22 @@ class BatchEngine:
 
     def _fresh_group(self, budget: int) -> list[Sequence]:
         """The waiting requests at the front of the queue that can be read together in one
-        pass: nothing cached or read yet, all of their prompts within this step's budget."""
+        pass: nothing read yet but (at most) a cached prefix of under half the prompt (a
+        chat template's opening, say: cheaper to read again in the batch than to read the
+        rest alone), all of their prompts within this step's budget."""
         group: list[Sequence] = []
         if not self.batch_prefill:
             return group
         total = 0
         for seq in self.prefilling:
-            if seq.prefilled or seq.cached_tokens or total + len(seq.prompt) > budget:
+            fresh = seq.prefilled == seq.cached_tokens and 2 * seq.cached_tokens < len(seq.prompt)
+            if not fresh or total + len(seq.prompt) > budget:
                 break
             total += len(seq.prompt)
             group.append(seq)
+        if len(group) > 1:
+            for seq in group:  # their prompts are read whole, cached prefix included
+                seq.prefilled = seq.cached_tokens = 0
         return group
 
     def _prefill_group(self, group: list[Sequence], events: list[StepEvent]) -> int:
