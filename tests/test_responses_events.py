@@ -153,3 +153,23 @@ def test_non_streaming_final_equals_streamed_final() -> None:
 )
 def test_custom_input(arguments: str, expected: str) -> None:
     assert custom_input(arguments) == expected
+
+
+def test_store_is_byte_bounded_lru() -> None:
+    from mlx_server.api.responses.store import ResponseStore, StoredResponse
+
+    def record(text: str) -> StoredResponse:
+        return StoredResponse.of({"id": text, "output": [{"t": text}]}, [{"x": text}])
+
+    one = record("a" * 50)
+    store = ResponseStore(max_bytes=one.nbytes * 2 + 10)
+    assert store.put("a", one)
+    assert store.put("b", record("b" * 50))
+    assert store.get("a") is not None  # a is now the most recently used
+    assert store.put("c", record("c" * 50))
+    assert store.get("b") is None and store.get("a") is not None and store.evictions == 1
+    assert store.nbytes <= store.max_bytes
+    assert not store.put("huge", record("h" * 10_000))
+    assert store.get("huge") is None
+    assert store.delete("a") and not store.delete("a")
+    assert store.get("c") is not None and store.get("c").history()[-1] == {"t": "c" * 50}  # type: ignore[union-attr]
