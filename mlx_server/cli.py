@@ -47,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int | None:
         from .convert import main as convert_main
 
         return convert_main(args[1:])
+    if args[:1] in (["pull"], ["ls"]):
+        from .library_cli import ls_main, pull_main
+
+        return (pull_main if args[0] == "pull" else ls_main)(args[1:])
     settings = load_settings(args)
     configure_logging(settings)
     # Before anything imports mlx: an optimized BLAS must be loaded first to be used.
