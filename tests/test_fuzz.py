@@ -246,8 +246,8 @@ def _app_routes() -> set[tuple[str, str]]:
     app = create_app(Settings(), ServerState())
     out: set[tuple[str, str]] = set()
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static":
-            continue
+        if rule.endpoint == "static" or rule.endpoint.startswith("web."):
+            continue  # the chat page and its files are no API
         path = rule.rule.replace("<path:", "{").replace("<", "{").replace(">", "}")
         out.update((m, path) for m in rule.methods or () if m not in ("HEAD", "OPTIONS"))
     return out

@@ -7,7 +7,7 @@ from quart_trio import QuartTrio
 
 from ..config import Settings
 from ..replay.record import TraceRecorder
-from . import anthropic, completions, embeddings, openai, openapi_doc
+from . import anthropic, completions, embeddings, openai, openapi_doc, web
 from .access import install_access_control
 from .cors import install_cors
 from .errors import install_error_handlers
@@ -34,6 +34,7 @@ def create_app(settings: Settings, server_state: ServerState) -> QuartTrio:
     app.register_blueprint(anthropic.bp)
     app.register_blueprint(completions.bp)
     app.register_blueprint(embeddings.bp)
+    app.register_blueprint(web.bp)  # the chat page at / (no key needed; its /v1 calls need one)
     install_error_handlers(app)
     install_metrics(app, server_state)  # /metrics, open like /health
     openapi_doc.install_openapi(app, settings)  # /openapi.json, open like /health
