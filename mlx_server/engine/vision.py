@@ -1,0 +1,378 @@
+"""Vision-language checkpoints through mlx-vlm, in the executor's terms: plain synchronous MLX
+code (no trio, no quart) that only the executor thread calls.
+
+mlx-vlm supplies the model classes, the image processor and the vision encoder; this module
+turns one prompt + its images into what the language model reads (`VisionPrompt`: the token
+ids with image tokens expanded, the merged input embeddings, the multimodal RoPE positions) and
+runs the language model over mlx-lm KV caches (`KVCache` per request, `BatchKVCache` for a
+batch), so image rows can share decode steps with text rows.
+
+mlx-vlm's own `generate_step` keeps the multimodal RoPE offset (`_rope_deltas`) on the model
+object between calls, which is wrong as soon as two requests interleave. Here positions are
+always passed explicitly: prefill slices the prompt's own (3, 1, L) position ids, and decoding
+computes `cache offset + rope_delta` per row, where `rope_delta` (0 for text-only prompts)
+travels with the request. With the same inputs the language model then computes exactly what
+mlx-vlm's generation computes, which the tests check token for token.
+
+Supported families: those with Qwen-VL's prompt and RoPE scheme (`SUPPORTED_TYPES`). Other
+checkpoints mlx-vlm knows are recognised (`is_vision_config`) but refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import mlx.core as mx
+
+from ..errors import InvalidRequest, ModelLoadError
+from .images import DecodedImage
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+SUPPORTED_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl"})
+"""mlx-vlm model types this module runs (multimodal RoPE, one image-pad token per patch group)."""
+
+_IMAGE_PLACEHOLDERS = {
+    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+}
+
+
+def is_vision_config(config: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint's config.json describes a vision-language model mlx-vlm can build:
+    a `vision_config` and a `model_type` mlx-vlm has a package for. Does not import mlx-vlm."""
+    if not isinstance(config.get("vision_config"), Mapping):
+        return False
+    model_type = str(config.get("model_type") or "").lower()
+    if not model_type.replace("_", "").isalnum():
+        return False
+    spec = importlib.util.find_spec("mlx_vlm")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any(
+        (Path(root) / "models" / model_type / "__init__.py").is_file()
+        for root in spec.submodule_search_locations
+    )
+
+
+def is_vision_checkpoint(model_dir: Path) -> bool:
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and is_vision_config(config)
+
+
+@attrs.define(eq=False)
+class VisionModel:
+    """A loaded VLM: mlx-vlm's model and processor plus what the server needs to know."""
+
+    model: Any
+    """mlx-vlm's `Model` (an `nn.Module`; typed loosely, as mlx-vlm ships no stubs)."""
+    processor: Any
+    model_type: str
+    image_token_id: int
+    image_placeholder: str
+    """The text a prompt carries where one image goes (the chat template emits it)."""
+    eos_token_ids: tuple[int, ...]
+
+    @property
+    def language_model(self) -> Any:
+        return self.model.language_model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.language_model.layers)
+
+    def make_cache(self) -> list[Any]:
+        """A fresh single-sequence mlx-lm KV cache, one per layer."""
+        from mlx_lm.models.cache import KVCache
+
+        return [KVCache() for _ in range(self.num_layers)]
+
+
+def load_vision_model(model_dir: Path) -> VisionModel:
+    """Load a local mlx-vlm checkpoint directory (nothing is fetched from the hub)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {e}") from e
+    if not is_vision_config(config):
+        raise ModelLoadError(f"{model_dir} is not a vision-language checkpoint mlx-vlm knows")
+    from mlx_vlm.utils import get_model_type, load
+
+    model_type = get_model_type(config) or ""
+    if model_type not in SUPPORTED_TYPES:
+        raise ModelLoadError(
+            f"vision model type {model_type!r} is not supported yet "
+            f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})"
+        )
+    model, processor = load(str(model_dir))
+    image_token_id: Any = getattr(model.config, "image_token_id", None)
+    if image_token_id is None:
+        image_token_id = getattr(model.config, "image_token_index", None)
+    if not isinstance(image_token_id, int):
+        raise ModelLoadError(f"{model_dir}/config.json names no image token id")
+    eos = config.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    tok_eos = getattr(processor.tokenizer, "eos_token_id", None)
+    if tok_eos is not None and tok_eos not in eos_ids:
+        eos_ids = (*eos_ids, int(tok_eos))
+    return VisionModel(
+        model=model,
+        processor=processor,
+        model_type=model_type,
+        image_token_id=image_token_id,
+        image_placeholder=_IMAGE_PLACEHOLDERS[model_type],
+        eos_token_ids=eos_ids,
+    )
+
+
+@attrs.frozen(kw_only=True)
+class VisionPrompt:
+    """One prompt ready for prefill. `embeddings` and `position_ids` cover tokens
+    `start:` (the part not already in the request's cache)."""
+
+    input_ids: tuple[int, ...]
+    """The whole prompt, each image placeholder expanded to its image tokens."""
+    cache_key: tuple[int, ...]
+    """`input_ids` with every image token replaced by a negative id derived from its image's
+    content hash and its index in the image: the key for the prompt-prefix cache."""
+    image_digests: tuple[str, ...]
+    image_tokens: int
+    start: int
+    embeddings: mx.array = attrs.field(eq=False, repr=False)
+    """(1, len(input_ids) - start, hidden) input embeddings, image features merged in."""
+    position_ids: mx.array = attrs.field(eq=False, repr=False)
+    """(3, 1, len(input_ids) - start) multimodal RoPE positions."""
+    rope_delta: int
+    """Position of the next token minus its index: decoding positions are offset + rope_delta."""
+
+    @property
+    def extra_tokens(self) -> int:
+        return len(self.input_ids) - self.start
+
+
+def render_messages(vm: VisionModel, messages: Sequence[Mapping[str, Any]]) -> str:
+    """The checkpoint's own chat template over messages whose content may hold
+    {"type": "image"} parts (one placeholder per image, in order)."""
+    return vm.tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=True
+    )
+
+
+def prepare_vision_prompt(
+    vm: VisionModel,
+    prompt: str,
+    images: Sequence[DecodedImage | Image],
+    *,
+    start: int = 0,
+) -> VisionPrompt:
+    """Run the processor (tokenize, expand image placeholders, resize and normalise pixels)
+    and, unless every image token lies inside the first `start` (cached) tokens, the vision
+    encoder; merge the image features into the embeddings. MLX work: executor thread only.
+
+    `prompt` must hold exactly one `vm.image_placeholder` per image."""
+    from mlx_vlm.utils import prepare_inputs, should_add_special_tokens
+
+    pictures = [im.image if isinstance(im, DecodedImage) else im for im in images]
+    digests = tuple(im.digest if isinstance(im, DecodedImage) else _digest(im) for im in images)
+    pad = vm.tokenizer.convert_ids_to_tokens(vm.image_token_id)
+    found = prompt.count(pad)
+    if found != len(pictures):
+        raise InvalidRequest(
+            f"the prompt has {found} image placeholder(s) for {len(pictures)} image(s)",
+            code="image_count_mismatch",
+        )
+    inputs = prepare_inputs(
+        vm.processor,
+        images=pictures or None,
+        prompts=prompt,
+        image_token_index=vm.image_token_id,
+        add_special_tokens=should_add_special_tokens(vm.model_type, vm.processor),
+    )
+    input_ids: Any = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    extra = {
+        k: v
+        for k, v in inputs.items()
+        if k not in ("input_ids", "pixel_values", "attention_mask") and v is not None
+    }
+    ids: list[int] = [int(t) for t in input_ids[0].tolist()]
+    if not 0 <= start < len(ids):
+        raise ValueError(f"start {start} outside a prompt of {len(ids)} tokens")
+    image_positions = [i for i, t in enumerate(ids) if t == vm.image_token_id]
+    pixel_values = inputs.get("pixel_values")
+    lm: Any = vm.language_model
+    if pictures and image_positions and image_positions[-1] >= start:
+        out = vm.model.get_input_embeddings(input_ids, pixel_values, mask=mask, **extra)
+        embeddings = out.inputs_embeds[:, start:]
+        position_ids, deltas = out.position_ids, out.rope_deltas
+    else:
+        # Every image is in the cached prefix (or there is none): no encoder run; the
+        # positions still come from the whole prompt's image grid.
+        embeddings = lm.model.embed_tokens(input_ids[:, start:])
+        position_ids, deltas = lm.get_rope_index(input_ids, extra.get("image_grid_thw"), None, mask)
+    if position_ids.ndim == 2:
+        position_ids = mx.broadcast_to(position_ids[None], (3, *position_ids.shape))
+    position_ids = position_ids[..., start:]
+    mx.eval(embeddings, position_ids, deltas)
+    return VisionPrompt(
+        input_ids=tuple(ids),
+        cache_key=image_cache_key(ids, vm.image_token_id, digests),
+        image_digests=digests,
+        image_tokens=len(image_positions),
+        start=start,
+        embeddings=embeddings,
+        position_ids=position_ids,
+        rope_delta=_ints(deltas.reshape(-1))[0],
+    )
+
+
+def image_cache_key(
+    ids: Sequence[int], image_token_id: int, digests: Sequence[str]
+) -> tuple[int, ...]:
+    """Replace each run of image tokens (one run per image, in order) by negative ids that
+    depend on the image's content hash: equal keys mean equal pixels at equal places."""
+    key: list[int] = []
+    image = -1
+    within = 0
+    previous_was_image = False
+    for t in ids:
+        if t != image_token_id:
+            key.append(t)
+            previous_was_image = False
+            continue
+        if not previous_was_image:
+            image += 1
+            within = 0
+        previous_was_image = True
+        base = int(digests[image][:12], 16) if image < len(digests) else 0
+        key.append(-1 - ((base << 20) | (within & 0xFFFFF)))
+        within += 1
+    return tuple(key)
+
+
+def count_image_tokens(vm: VisionModel, width: int, height: int) -> int:
+    """How many tokens one width x height image becomes (the processor's sizing, no pixels)."""
+    from mlx_vlm.utils import estimate_num_image_tokens
+
+    return estimate_num_image_tokens(vm.processor, height, width)
+
+
+def count_prompt_tokens(vm: VisionModel, prompt: str, sizes: Sequence[tuple[int, int]]) -> int:
+    """Tokens `prepare_vision_prompt` would produce for `prompt` with images of these
+    (width, height) sizes, without decoding pixels or running the encoder (count_tokens)."""
+    from mlx_vlm.utils import should_add_special_tokens
+
+    ids = vm.tokenizer(
+        prompt, add_special_tokens=should_add_special_tokens(vm.model_type, vm.processor)
+    ).input_ids
+    placeholders = sum(1 for t in ids if t == vm.image_token_id)
+    if placeholders != len(sizes):
+        raise InvalidRequest(
+            f"the prompt has {placeholders} image placeholder(s) for {len(sizes)} image(s)",
+            code="image_count_mismatch",
+        )
+    return len(ids) - placeholders + sum(count_image_tokens(vm, w, h) for w, h in sizes)
+
+
+def forward(
+    vm: VisionModel,
+    inputs: mx.array,
+    cache: list[Any],
+    *,
+    embeddings: mx.array | None = None,
+    position_ids: mx.array | None = None,
+    rope_deltas: Sequence[int] | None = None,
+) -> mx.array:
+    """One language-model pass over (B, L) `inputs` (or their `embeddings`) extending
+    `cache`; returns logits (B, L, vocab). Positions: `position_ids` if given, otherwise each
+    row's cache offset + its rope delta (0 for text rows)."""
+    if position_ids is None:
+        batch, length = inputs.shape
+        offset = cache[0].offset
+        offsets = offset if isinstance(offset, mx.array) else mx.array([offset] * batch)
+        deltas = mx.array(list(rope_deltas) if rope_deltas is not None else [0] * batch)
+        rows = offsets.astype(mx.int32) + deltas.astype(mx.int32)
+        positions = rows[:, None] + mx.arange(length, dtype=mx.int32)[None, :]
+        position_ids = mx.broadcast_to(positions[None], (3, batch, length))
+    out = vm.language_model(
+        inputs, inputs_embeds=embeddings, cache=cache, position_ids=position_ids
+    )
+    return out.logits
+
+
+def prefill(vm: VisionModel, vp: VisionPrompt, cache: list[Any], *, chunk: int = 512) -> mx.array:
+    """Read the prompt's tokens `vp.start:` into `cache` (which holds the first `vp.start`)
+    in chunks; returns the last position's logits, shape (1, vocab)."""
+    ids = mx.array(vp.input_ids[vp.start :])[None]
+    total = ids.shape[1]
+    done = 0
+    while total - done > chunk:
+        forward(
+            vm,
+            ids[:, done : done + chunk],
+            cache,
+            embeddings=vp.embeddings[:, done : done + chunk],
+            position_ids=vp.position_ids[..., done : done + chunk],
+        )
+        mx.eval([c.state for c in cache])
+        done += chunk
+    logits = forward(
+        vm,
+        ids[:, done:],
+        cache,
+        embeddings=vp.embeddings[:, done:],
+        position_ids=vp.position_ids[..., done:],
+    )
+    return logits[:, -1, :]
+
+
+def decode_step(
+    vm: VisionModel, tokens: Sequence[int], cache: list[Any], rope_deltas: Sequence[int]
+) -> mx.array:
+    """One decoding step for B rows (a single `KVCache` list or a `BatchKVCache` list):
+    returns logits (B, vocab)."""
+    inputs = mx.array(list(tokens), dtype=mx.int32)[:, None]
+    return forward(vm, inputs, cache, rope_deltas=rope_deltas)[:, -1, :]
+
+
+def generate_greedy(
+    vm: VisionModel, vp: VisionPrompt, max_tokens: int, cache: list[Any] | None = None
+) -> list[int]:
+    """Greedy tokens for one prompt (stops after an end-of-sequence token, which is not
+    returned): the simplest complete use of this module, and the tests' reference."""
+    cache = cache if cache is not None else vm.make_cache()
+    logits = prefill(vm, vp, cache)
+    out: list[int] = []
+    while len(out) < max_tokens:
+        token = _ints(mx.argmax(logits, axis=-1))[0]
+        if token in vm.eos_token_ids:
+            break
+        out.append(token)
+        if len(out) == max_tokens:
+            break
+        logits = decode_step(vm, [token], cache, [vp.rope_delta])
+    return out
+
+
+def _ints(a: mx.array) -> list[int]:
+    values: Any = a.tolist()
+    return [int(v) for v in values]
+
+
+def _digest(image: Image) -> str:
+    from .images import pixel_digest
+
+    return pixel_digest(image.convert("RGB") if image.mode != "RGB" else image)

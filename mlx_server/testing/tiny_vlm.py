@@ -1,0 +1,210 @@
+"""Tiny random-weight vision-language checkpoints built with mlx-vlm's own classes, for tests.
+
+The layout is a real Hugging Face VLM checkpoint (config.json with a `vision_config`,
+model.safetensors, tokenizer.json + tokenizer_config.json with a chat template that places image
+parts, preprocessor_config.json, processor_config.json, video_preprocessor_config.json), written
+entirely from local data so `mlx_vlm.load` never needs the hub. The tokenizer is the default
+model's (SmolLM2, as in `tiny.py`) with the Qwen-VL vision tokens added after its vocabulary.
+
+Families: Qwen2.5-VL (`qwen2_5_vl`, the most used small VLM family; its successors Qwen3-VL and
+Qwen3.5 keep the same prompt format, processor and multimodal RoPE) and Qwen2-VL (`qwen2_vl`).
+Weights are scaled up so greedy choices are far from ties; images are kept small by the
+processor's `max_pixels` (a 56x56 picture is 4 image tokens, 112x112 is 16).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as HFTokenizer
+
+from .tiny import default_tokenizer
+
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('image', 'image_url', 'input_image') %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] in ('text', 'input_text') %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_TEXT: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1e6,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": True,
+    # head_dim 16: 8 rotary frequencies split over (time, height, width).
+    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+}
+
+TINY_VLM_VISION: dict[str, dict[str, Any]] = {
+    "qwen2_5_vl": {
+        "model_type": "qwen2_5_vl",
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "out_hidden_size": 64,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 56,
+        "fullatt_block_indexes": [1],
+        "in_channels": 3,
+    },
+    "qwen2_vl": {
+        "model_type": "qwen2_vl",
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": 64,
+        "num_heads": 2,
+        "mlp_ratio": 2,
+        "patch_size": 14,
+        "spatial_patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+    },
+}
+
+TINY_VLM_TYPES = tuple(TINY_VLM_VISION)
+
+_MAX_PIXELS = 112 * 112
+_MIN_PIXELS = 56 * 56
+
+
+def vision_tokenizer() -> HFTokenizer:
+    """The default model's tokenizer with the Qwen-VL vision tokens added (a fresh copy)."""
+    backend = HFTokenizer.from_str(default_tokenizer().backend.to_str())
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in VISION_TOKENS]
+    )
+    return backend
+
+
+def build_tiny_vlm(
+    out_dir: Path,
+    model_type: str = "qwen2_5_vl",
+    *,
+    seed: int = 0,
+    scale: float = 4.0,
+    max_pixels: int = _MAX_PIXELS,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Create, save and return (model, config) of a tiny VLM of `model_type`."""
+    from mlx_vlm.utils import get_model_and_args
+
+    tokenizer = vision_tokenizer()
+    ids = {t: tokenizer.token_to_id(t) for t in VISION_TOKENS}
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    eos = tokenizer.token_to_id("<|im_end|>")
+    config: dict[str, Any] = {
+        "model_type": model_type,
+        "architectures": [_ARCHITECTURES[model_type]],
+        **_TEXT,
+        "vocab_size": vocab,
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "eos_token_id": eos,
+        "bos_token_id": tokenizer.token_to_id("<|im_start|>"),
+        "vision_config": dict(TINY_VLM_VISION[model_type]),
+    }
+    arch, _ = get_model_and_args(config)
+    model_config = arch.ModelConfig.from_dict(json.loads(json.dumps(config)))
+    model_config.vision_config = arch.VisionConfig.from_dict(config["vision_config"])
+    model_config.text_config = arch.TextConfig.from_dict(config)
+    mx.random.seed(seed)
+    model = arch.Model(model_config)
+    model.update(tree_map(lambda p: p * scale if p.ndim > 1 else p, model.parameters()))
+    mx.eval(model.parameters())
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
+    _write_json(out_dir / "config.json", config)
+    _write_processor(out_dir, tokenizer, eos_token="<|im_end|>", max_pixels=max_pixels)
+    return model, config
+
+
+_ARCHITECTURES = {
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+}
+
+
+def _write_processor(
+    out_dir: Path, tokenizer: HFTokenizer, *, eos_token: str, max_pixels: int
+) -> None:
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    added = {
+        str(tokenizer.token_to_id(t)): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for t in VISION_TOKENS
+    }
+    _write_json(
+        out_dir / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": eos_token,
+            "pad_token": "<|endoftext|>",
+            "unk_token": None,
+            "add_bos_token": False,
+            "added_tokens_decoder": added,
+            "model_max_length": 4096,
+            "chat_template": CHAT_TEMPLATE,
+        },
+    )
+    image = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "min_pixels": _MIN_PIXELS,
+        "max_pixels": max_pixels,
+    }
+    _write_json(out_dir / "preprocessor_config.json", image)
+    _write_json(out_dir / "video_preprocessor_config.json", image)
+    _write_json(out_dir / "processor_config.json", {"chat_template": CHAT_TEMPLATE})
+    _write_json(
+        out_dir / "generation_config.json", {"eos_token_id": tokenizer.token_to_id(eos_token)}
+    )
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2))
