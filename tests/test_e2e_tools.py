@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from mlx_server.testing import openapi
+from mlx_server.testing import openapi, streams
 from mlx_server.testing.scripted import Script, build_scripted_model, write_scripts
 from mlx_server.testing.server import ServerProcess, run_server
 
@@ -150,9 +150,8 @@ def chat_stream(server: ServerProcess, **body: Any) -> list[dict[str, Any]]:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                chunk = json.loads(line[len("data: ") :])
-                openapi.validate("CreateChatCompletionStreamResponse", chunk)
-                chunks.append(chunk)
+                chunks.append(json.loads(line[len("data: ") :]))
+    streams.check_chat_stream(chunks, include_usage=bool(body.get("stream_options")))
     return chunks
 
 
@@ -160,6 +159,7 @@ def messages(server: ServerProcess, **body: Any) -> dict[str, Any]:
     body = {"model": "default", "max_tokens": 300, "messages": user(), **body}
     r = httpx.post(f"{server.base_url}/v1/messages", json=body, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
+    openapi.validate("anthropic.Message", r.json())
     return r.json()
 
 
@@ -174,6 +174,7 @@ def messages_stream(server: ServerProcess, **body: Any) -> list[tuple[str, dict[
                 kind = line[len("event: ") :]
             elif line.startswith("data: "):
                 out.append((kind, json.loads(line[len("data: ") :])))
+    streams.check_anthropic_stream([payload for _, payload in out])
     return out
 
 
@@ -395,6 +396,7 @@ def test_anthropic_bad_tools_are_400(hermes: ServerProcess, body: dict[str, Any]
     body = {"model": "default", "max_tokens": 10, "messages": user(), **body}
     r = httpx.post(f"{hermes.base_url}/v1/messages", json=body, timeout=TIMEOUT)
     assert r.status_code == 400, r.text
+    openapi.validate("anthropic.ErrorResponse", r.json())
     assert r.json()["type"] == "error"
 
 
