@@ -5,11 +5,13 @@ from __future__ import annotations
 import collections
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx_lm
 import pytest
 from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import QuantizedKVCache
 
 from mlx_server.engine.batch import BatchEngine
 from mlx_server.engine.model import load
@@ -265,3 +267,48 @@ def test_prompts_arriving_together_are_read_in_one_batch(tiny_llama: Path) -> No
     tokens = drain(engine, early)
     assert tokens["early"] == alone[0]
     assert tokens["late0"] == alone[1] and tokens["late1"] == alone[2]
+
+
+def test_caches_that_cannot_merge_decode_one_request_at_a_time(tmp_path: Path) -> None:
+    """A model whose caches cannot join a batch (here quantized KV caches, which have no
+    `merge`) still serves several requests: one decodes while the others wait, each gives
+    mlx-lm's tokens with the same caches, and nothing is kept for prefix reuse."""
+    path = tmp_path / "tiny-llama-wide-heads"
+    build_tiny_model(path, "llama", num_attention_heads=2, num_key_value_heads=1)
+    loaded = load(str(path))
+    model: Any = loaded.model
+    n_layers = len(model.layers)
+    model.make_cache = lambda: [QuantizedKVCache(group_size=32, bits=8) for _ in range(n_layers)]
+    engine = BatchEngine(
+        loaded.model, eos_token_ids=[], vocab_size=loaded.tokenizer.vocab_size, prefill_chunk=8
+    )
+    assert not engine.batchable and not engine.can_reuse
+    prompts = [
+        loaded.tokenizer.encode(
+            loaded.template.render([{"role": "user", "content": f"Tell me about {t}"}])
+        )
+        for t in ("cats", "the sea", "x")
+    ]
+    for i, p in enumerate(prompts):
+        engine.admit(greedy(str(i), p, 8))
+    tokens: dict[str, list[int]] = collections.defaultdict(list)
+    widest = 0
+    while engine.has_work:
+        for ev in engine.step():
+            if isinstance(ev, TokenOut):
+                tokens[ev.request_id].append(ev.token_id)
+            assert not (isinstance(ev, SequenceFinished) and ev.stored is not None)
+        widest = max(widest, len(engine.running))
+    assert widest == 1
+    for i, p in enumerate(prompts):
+        want = [
+            int(t)
+            for t, _ in generate_step(
+                mx.array(p),
+                model,
+                max_tokens=8,
+                sampler=lambda lp: mx.argmax(lp, axis=-1),
+                prompt_cache=model.make_cache(),
+            )
+        ]
+        assert tokens[str(i)] == want, f"prompt {i}"

@@ -153,18 +153,21 @@ def test_unknown_repo_fails_clearly(tmp_path: Path) -> None:
     assert "no-such-org/no-such-model" in err
 
 
-def test_unsupported_model_type_lists_supported(tmp_path: Path) -> None:
+def test_model_type_mlx_lm_cannot_run_is_refused_at_start(tmp_path: Path) -> None:
     build_tiny_model(tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    cfg["model_type"] = "gpt2"
+    cfg["model_type"] = "no_such_arch"
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
-        ModelLoadError,
-        match=r"unsupported model_type 'gpt2'.*llama, mistral, qwen2, qwen3, qwen3_next",
+        ModelLoadError, match=r"model_type 'no_such_arch' is not an architecture mlx-lm"
     ):
         load(str(tmp_path / "m"))
     err = start_fails(["--model", str(tmp_path / "m")], tmp_path)
-    assert "gpt2" in err and "qwen3_next" in err
+    assert "no_such_arch" in err and "mlx-lm" in err
+    del cfg["model_type"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="names no model_type"):
+        load(str(tmp_path / "m"))
 
 
 def test_corrupt_files_fail_clearly(tmp_path: Path) -> None:

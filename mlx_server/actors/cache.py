@@ -71,6 +71,6 @@ class CacheManager:
                     msg.reply.send_nowait(reply)
             else:
                 s = msg.stored
-                evicted = self._cache.insert(s.handle, s.token_ids, s.nbytes)
+                evicted = self._cache.insert(s.handle, s.token_ids, s.nbytes, cuttable=s.cuttable)
                 if evicted:
                     self._to_executor(ReleaseCache(handles=tuple(evicted)))

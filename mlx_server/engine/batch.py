@@ -20,7 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
 from ..messages import (
     Admit,
@@ -32,6 +32,7 @@ from ..messages import (
     TokenOut,
     TopLogprob,
 )
+from . import caches as cache_ops
 from .constrain import Constraint
 from .constrain import start as start_constraint
 from .sampling import RowSampler, sample_batch
@@ -86,15 +87,20 @@ class BatchEngine:
         self.prefilling: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.batch_cache: list[Any] | None = None
-        self.stored: dict[int, list[Any]] = {}
+        # Kept states for the prompt cache: (caches, how many positions they cover).
+        self.stored: dict[int, tuple[list[Any], int]] = {}
         self._next_handle = 1
         self._backbone = getattr(model, "model", None)
-        # Prompt reuse needs caches that can be cut to a prefix (plain KV caches).
+        # What this model's caches allow (see `engine.caches`): decoding rows together needs
+        # caches that merge into a batch; prompt reuse needs caches we know how to copy (cut to
+        # any prefix for KV caches, reused whole for recurrent state).
         caches = make_prompt_cache(model)
-        self.can_reuse = all(type(c) is KVCache for c in caches)
+        self.cache_kinds = cache_ops.kinds(caches)
+        self.batchable = cache_ops.batchable(caches)
+        self.can_reuse = cache_ops.storable(caches)
         self._n_caches = len(caches)
         # New prompts that arrive together are read in one left-padded batch (plain KV models).
-        self.batch_prefill = self.can_reuse and getattr(model, "batched_prefill", True)
+        self.batch_prefill = cache_ops.all_plain(caches) and getattr(model, "batched_prefill", True)
         # Distributed serving: makes every rank use rank 0's sampled tokens (lazily, in-graph).
         self.share_tokens: Callable[[mx.array], mx.array] | None = None
         # The next tokens of the first rows of the batch, computed ahead and not yet read.
@@ -122,10 +128,12 @@ class BatchEngine:
         cached = 0
         prefix = admit.prefix
         if prefix is not None and self.can_reuse and prefix.handle in self.stored:
+            stored, total = self.stored[prefix.handle]
             length = min(prefix.length, len(request.prompt_ids) - 1)
             if length > 0:
-                cache = [_cut(c, length) for c in self.stored[prefix.handle]]
-                cached = length
+                parts = [cache_ops.copy_prefix(c, length, total) for c in stored]
+                if all(p is not None for p in parts):
+                    cache, cached = parts, length
         if cache is None:
             cache = make_prompt_cache(self.model)
         self.prefilling.append(Sequence(request, cache, cached, self.vocab_size, constraint))
@@ -179,7 +187,7 @@ class BatchEngine:
                 n = min(budget, todo)
                 chunk = mx.array([seq.prompt[seq.prefilled : seq.prefilled + n]])
                 self._forward_hidden(chunk, seq.cache)
-                mx.eval([c.state for c in seq.cache])
+                mx.eval(cache_ops.arrays(seq.cache))
                 seq.prefilled += n
                 budget -= n
                 events.append(
@@ -192,6 +200,8 @@ class BatchEngine:
                 )
                 if seq.prefilled < len(seq.prompt) - 1:
                     continue
+            if self.running and not self.batchable:
+                break  # this model decodes one request at a time: wait for the batch to end
             # Last prompt token: logits, first token, then join the decode batch.
             self.prefilling.popleft()
             budget -= 1
@@ -464,8 +474,8 @@ class BatchEngine:
         elif self.batch_cache is not None:
             for c in self.batch_cache:
                 c.filter(keep)
-            if len(keep) == 1 and self.can_reuse:
-                # Alone again: back to a plain cache (KV caches only; others stay batched).
+            if len(keep) == 1:
+                # Alone again: back to its own single-sequence cache.
                 self.batch_cache = [c.extract(0) for c in self.batch_cache]
                 self._batched = False
 
@@ -486,10 +496,15 @@ class BatchEngine:
             handle = self._next_handle
             self._next_handle += 1
             # Evaluate now: an unevaluated row slice keeps the whole batch's KV arrays alive.
-            mx.eval([c.state for c in cache])
-            self.stored[handle] = cache
+            mx.eval(cache_ops.arrays(cache))
+            self.stored[handle] = (cache, len(token_ids))
             nbytes = sum(int(c.nbytes) for c in cache)
-            stored = StoredCache(handle=handle, token_ids=token_ids, nbytes=nbytes)
+            stored = StoredCache(
+                handle=handle,
+                token_ids=token_ids,
+                nbytes=nbytes,
+                cuttable=cache_ops.cuttable(cache),
+            )
         seq.cache = None
         return SequenceFinished(
             request_id=seq.rid,
@@ -499,12 +514,3 @@ class BatchEngine:
             completion_tokens=len(seq.generated),
             stored=stored,
         )
-
-
-def _cut(cache: Any, length: int) -> KVCache:
-    """A fresh single-sequence cache holding the first `length` positions of `cache`."""
-    new = KVCache()
-    new.keys = cache.keys[..., :length, :]
-    new.values = cache.values[..., :length, :]
-    new.offset = length
-    return new

@@ -26,7 +26,6 @@ from .tokenizer import Tokenizer, load_hf_tokenizer
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_next")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -201,19 +200,31 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
-def check_model_type(model_type: Any, where: str) -> None:
-    if model_type not in SUPPORTED_MODEL_TYPES:
+def check_model_type(config: dict[str, Any], where: str) -> None:
+    """Refuse, before reading any weights, a checkpoint whose architecture the installed mlx-lm
+    has no model for (every architecture it has is served; see `engine.caches` for how each
+    cache type is batched and reused)."""
+    from mlx_lm.utils import _get_classes
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelLoadError(f"{where}: config.json names no model_type")
+    try:
+        _get_classes(config)
+    except ValueError as exc:
+        import mlx_lm
+
         raise ModelLoadError(
-            f"{where}: unsupported model_type {model_type!r}; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+            f"{where}: model_type {model_type!r} is not an architecture mlx-lm "
+            f"{mlx_lm.__version__} can run ({exc})"
+        ) from exc
 
 
 def _load_mlx_dir(model_dir: Path, name: str, *, source: str, lazy: bool = False) -> LoadedModel:
     from mlx_lm.utils import load_model
 
     config = _read_config(model_dir)
-    check_model_type(config.get("model_type"), str(model_dir))
+    check_model_type(config, str(model_dir))
     if not list(model_dir.glob("*.safetensors")):
         raise ModelLoadError(f"{model_dir}: no .safetensors weight files")
     tokenizer = load_hf_tokenizer(model_dir, config)

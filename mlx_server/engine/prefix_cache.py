@@ -1,5 +1,9 @@
 """A trie over token ids that finds the longest cached prefix of a prompt, with LRU eviction
-under a byte budget. Pure Python: it stores handles and sizes, never the arrays themselves."""
+under a byte budget. Pure Python: it stores handles and sizes, never the arrays themselves.
+
+An entry is either cuttable (plain KV state: it serves any prefix of its tokens) or whole-only
+(recurrent state, a sliding window that has moved on: it serves only prompts that continue all
+of its tokens)."""
 
 from __future__ import annotations
 
@@ -12,13 +16,16 @@ import attrs
 @attrs.define(eq=False)
 class _Node:
     children: dict[int, _Node] = attrs.field(factory=dict)
-    handles: set[int] = attrs.field(factory=set)
+    handles: set[int] = attrs.field(factory=set)  # every entry through this node
+    cuttable: set[int] = attrs.field(factory=set)  # the cuttable ones among them
+    ends: set[int] = attrs.field(factory=set)  # entries whose tokens end here
 
 
 @attrs.define(eq=False)
 class _Entry:
     tokens: tuple[int, ...]
     nbytes: int
+    cuttable: bool = True
 
 
 class PrefixCache:
@@ -42,23 +49,30 @@ class PrefixCache:
             if child is None or not child.handles:
                 break
             node = child
-            best = (max(node.handles), depth)  # newest entry through this node
+            usable = node.cuttable | node.ends
+            if usable:
+                best = (max(usable), depth)  # the newest entry that serves this prefix
         if best is not None:
             self._entries.move_to_end(best[0])
         return best
 
-    def insert(self, handle: int, tokens: Sequence[int], nbytes: int) -> list[int]:
+    def insert(
+        self, handle: int, tokens: Sequence[int], nbytes: int, *, cuttable: bool = True
+    ) -> list[int]:
         """Store an entry; return the handles evicted to stay within the budget (possibly
         including this one, when it alone exceeds the budget)."""
         if nbytes > self.budget or not tokens:
             return [handle]
-        entry = _Entry(tokens=tuple(tokens), nbytes=nbytes)
+        entry = _Entry(tokens=tuple(tokens), nbytes=nbytes, cuttable=cuttable)
         self._entries[handle] = entry
         self.used += nbytes
         node = self._root
         for tok in entry.tokens:
             node = node.children.setdefault(tok, _Node())
             node.handles.add(handle)
+            if cuttable:
+                node.cuttable.add(handle)
+        node.ends.add(handle)
         # Entries the new one covers go first; only then evict least recently used ones.
         evicted = self._drop_covered(handle)
         while self.used > self.budget and self._entries:
@@ -77,6 +91,8 @@ class PrefixCache:
         for tok in entry.tokens:
             child = node.children[tok]
             child.handles.discard(handle)
+            child.cuttable.discard(handle)
+            child.ends.discard(handle)
             path.append((node, tok))
             node = child
         for parent, tok in reversed(path):
@@ -84,9 +100,9 @@ class PrefixCache:
                 del parent.children[tok]
 
     def _drop_covered(self, handle: int) -> list[int]:
-        """An older entry whose tokens are a prefix of the new one is redundant."""
+        """An older entry whose tokens are a prefix of a new cuttable one is redundant."""
         entry = self._entries.get(handle)
-        if entry is None:
+        if entry is None or not entry.cuttable:
             return []
         node = self._root
         covered: set[int] = set()
