@@ -8,7 +8,8 @@ data, and the tuples inside them are immutable so a message can cross threads sa
 from __future__ import annotations
 
 import json
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import attrs
 
@@ -42,15 +43,67 @@ class SamplingParams:
 
 
 @attrs.frozen(kw_only=True)
-class ChatMessage:
-    """One turn of a conversation, already flattened to text for the chat template.
+class ToolCall:
+    """A tool call of an earlier assistant turn: `arguments` is the parsed JSON object (chat
+    templates apply `tojson` to it), never JSON text to be parsed again."""
 
-    `extra` carries template fields such as tool calls as (key, JSON text) pairs."""
+    name: str
+    arguments: Mapping[str, Any] = attrs.field(factory=dict, eq=False)
+    id: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ToolSpec:
+    """A function the model may call. `raw` is a tool the template sees exactly as given (an
+    Anthropic server tool); otherwise it is rendered in OpenAI's function shape."""
+
+    name: str
+    description: str | None = None
+    parameters: Mapping[str, Any] = attrs.field(factory=dict, eq=False)
+    raw: Mapping[str, Any] | None = attrs.field(default=None, eq=False)
+
+    def template_json(self) -> dict[str, Any]:
+        """The tool as Hugging Face chat templates expect it."""
+        if self.raw is not None:
+            return dict(self.raw)
+        function: dict[str, Any] = {"name": self.name}
+        if self.description is not None:
+            function["description"] = self.description
+        function["parameters"] = dict(self.parameters) or {"type": "object", "properties": {}}
+        return {"type": "function", "function": function}
+
+
+@attrs.frozen(kw_only=True)
+class ChatMessage:
+    """One turn of a conversation, flattened to text for the chat template; tool calls, a tool
+    result's call id and earlier reasoning travel as typed fields."""
 
     role: str
     content: str | None
     name: str | None = None
-    extra: tuple[tuple[str, str], ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    reasoning: str | None = None
+
+    def template_json(self) -> dict[str, Any]:
+        # Templates concatenate content; a tool-call turn's null content is "" to them.
+        entry: dict[str, Any] = {"role": self.role, "content": self.content or ""}
+        if self.name is not None:
+            entry["name"] = self.name
+        if self.tool_calls:
+            entry["tool_calls"] = [
+                {
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": dict(c.arguments)},
+                    **({"id": c.id} if c.id is not None else {}),
+                }
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            entry["tool_call_id"] = self.tool_call_id
+        if self.reasoning is not None:
+            entry["reasoning_content"] = self.reasoning
+        return entry
 
 
 @attrs.frozen(kw_only=True)
@@ -61,8 +114,8 @@ class PromptSpec:
     text: str | None = None
     token_ids: tuple[int, ...] | None = None
     add_generation_prompt: bool = True
-    tools_json: str | None = None
-    template_kwargs_json: str | None = None
+    tools: tuple[ToolSpec, ...] = ()
+    template_kwargs: tuple[tuple[str, Any], ...] = ()
     prefill: str = ""  # text the assistant turn starts with (a forced tool call's markup)
 
 
@@ -196,6 +249,9 @@ class StoredCache:
     handle: int
     token_ids: tuple[int, ...]
     nbytes: int
+    # False: the state cannot be cut to a shorter prefix (recurrent state, a sliding window
+    # that has moved on); it serves only prompts that continue all of `token_ids`.
+    cuttable: bool = True
 
 
 @attrs.frozen(kw_only=True)
@@ -236,21 +292,6 @@ class StepOutput:
 
     events: tuple[TokenOut | PrefillProgress | SequenceFinished | SequenceFailed, ...]
     batch_size: int
-
-
-# --------------------------------------------------------------------------------------------
-# Scheduler <-> cache manager
-# --------------------------------------------------------------------------------------------
-
-
-@attrs.frozen(kw_only=True)
-class CacheLookup:
-    prompt_ids: tuple[int, ...]
-
-
-@attrs.frozen(kw_only=True)
-class CacheStore:
-    stored: StoredCache
 
 
 # --------------------------------------------------------------------------------------------
