@@ -8,7 +8,9 @@ SIGINT/SIGTERM stop accepting connections, give in-flight requests a grace perio
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -29,12 +31,26 @@ log = logging.getLogger("mlx_server")
 
 def run(settings: Settings) -> int:
     launch = distributed.detect()
+    if launch is not None:
+        distributed.check_launch(launch, models=len(settings.models), parallel=settings.parallel)
     if launch is not None and launch.rank > 0:  # distributed serving: a worker rank
         from .distributed import worker
 
-        return worker.run(settings, launch)
+        slot = make_slots(settings)[0]
+        return worker.run(settings, launch, spec=slot.spec, served_name=slot.name)
     trio.run(serve, settings)
     return 0
+
+
+EXIT_RANK_FAILED = 1
+
+
+def _exit_now(code: int) -> None:
+    """End the process from the trio thread, whatever the MLX thread is stuck in."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _hypercorn_config(settings: Settings) -> HypercornConfig:
@@ -84,10 +100,45 @@ async def serve(
             log.info("listening on %s", bind)
 
         metrics = metrics_of(app)  # the app's /metrics collectors count generations
-        rank0 = distributed.open_rank0(settings)  # None unless launched with several ranks
+        rank0 = None
+        launch = distributed.detect()
+        if launch is not None:  # distributed serving: this is rank 0
+            from .distributed.rank0 import open_rank0
+
+            rank_lost = trio.Event()
+            lost_why: list[str] = []
+            token = trio.lowlevel.current_trio_token()
+
+            def on_rank_failure(reason: str) -> None:  # from any thread, once
+                lost_why.append(reason)
+                try:
+                    token.run_sync_soon(rank_lost.set)
+                except trio.RunFinishedError:
+                    pass
+
+            async def exit_on_rank_failure() -> None:
+                """A lost rank ends the server: every request gets an in-band error, /health
+                says "failed" for a moment, then the process exits non-zero even if the MLX
+                thread is stuck in a collective with the lost rank."""
+                await rank_lost.wait()
+                message = f"distributed serving failed: {lost_why[0]}"
+                server_state.status = "failed"
+                pool.fail_all(message)
+                await trio.sleep(0.5)
+                stop_http.set()
+                with trio.move_on_after(1.5):
+                    await http_done.wait()
+                log.error("%s; exiting", message)
+                _exit_now(EXIT_RANK_FAILED)
+
+            rank0 = open_rank0(
+                launch,
+                parallel=settings.parallel,
+                rank_timeout=settings.rank_timeout,
+                on_failure=on_rank_failure,
+            )
+            root.start_soon(exit_on_rank_failure)
         pool = ModelPool(settings, root, lambda: metrics, rank0=rank0)
-        if rank0 is not None:
-            root.start_soon(rank0.guard, pool, server_state, stop_http, http_done)
         loaded = await pool.start()
         server_state.models = pool
         server_state.status = "ok"

@@ -7,8 +7,9 @@ nothing more. Sampled tokens are not in the plan: every rank takes rank 0's toke
 step (see `Group.share_tokens`).
 
 Frames on the control connection: 4-byte big-endian length, one byte of kind, then the body
-(a pickled `StepPlan` for plans; JSON for hellos; empty for heartbeats). Both ends are our own
-processes of the same build, so pickle of our attrs messages is the simplest faithful encoding.
+(a pickled `StepPlan` for plans; JSON for hellos; empty for heartbeats and the start signal).
+Both ends are our own processes of the same build, so pickle of our attrs messages is the
+simplest faithful encoding.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ PlanCommand = Admit | Abort | ReleaseCache
 KIND_HELLO = b"H"
 KIND_BEAT = b"B"
 KIND_PLAN = b"P"
+KIND_GO = b"G"  # rank 0 to every worker: everyone has arrived, join the MLX group now
 _HEADER = struct.Struct(">IB")
 MAX_FRAME = 1 << 30
 
@@ -94,3 +96,10 @@ class Lockstep(Protocol):
     def publish(self, plan: StepPlan) -> None: ...
 
     def share_tokens(self, tokens: Any) -> Any: ...
+
+
+def describe_plan(plan: StepPlan) -> str:
+    """A plan in a few words, for debug logs."""
+    names = [type(c).__name__ for c in plan.commands]
+    flags = [f for f in ("step", "reset", "stop") if getattr(plan, f)]
+    return " ".join([*names, *flags]) or "nothing"

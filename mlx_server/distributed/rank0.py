@@ -1,50 +1,66 @@
 """Rank 0 of a distributed launch: the server proper (HTTP, scheduler, executor) plus what it
 takes to drive the other ranks.
 
-- `shard` runs on the executor thread while the model loads: it joins the MLX group, opens the
-  control port and tells the workers where it is, shards the model, and waits for every worker
-  to connect and to finish loading its own part.
+- `start` (the runtime calls it before the model loads) opens the control port; the workers
+  connect while rank 0 loads, and one that does not within `rank_timeout`, or that goes away,
+  is reported at once through the runtime's `on_failure` callback.
+- `shard` runs on the executor thread while the model loads: it waits for every worker, tells
+  them to join the MLX group, joins it, shards the model, and waits for every worker to have
+  its own part.
 - `publish`/`share_tokens` are the executor's lockstep hooks (see `actors.executor`).
-- `guard` is a trio task: once a worker is lost it ends every request with an in-band error,
-  makes /health say "failed", and exits the process non-zero even if the executor thread is
-  stuck in a collective with the dead rank.
+
+What a failure means for the server (ending requests, /health, the exit) is the runtime's
+business, not this module's.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
-import trio
 
-from ..errors import ModelLoadError
+from ..errors import ConfigError, ModelLoadError
 from .control import Hub
 from .launch import Launch
-from .plan import StepPlan
+from .plan import StepPlan, describe_plan
 
 if TYPE_CHECKING:
     import mlx.nn as nn
 
-    from ..actors.models import ModelPool
-    from ..api.state import ServerState
     from .group import Group
 
 log = logging.getLogger(__name__)
 
-EXIT_RANK_FAILED = 1
-CONNECT_TIMEOUT = 120.0  # for every worker to connect, once the group is up
-
 
 class Rank0:
-    def __init__(self, launch: Launch, *, parallel: str, rank_timeout: float) -> None:
+    def __init__(
+        self,
+        launch: Launch,
+        *,
+        parallel: str,
+        rank_timeout: float,
+        on_failure: Callable[[str], None],
+    ) -> None:
         self.launch = launch
         self.parallel = parallel
-        self.hub = Hub(launch.size, rank_timeout=rank_timeout)
+        self.rank_timeout = rank_timeout
+        self.hub = Hub(launch.size, rank_timeout=rank_timeout, on_failure=on_failure)
         self.group: Group | None = None
         self.plans = 0
+
+    @property
+    def failure(self) -> str | None:
+        """Why distributed serving failed, once it has."""
+        return self.hub.failure
+
+    def start(self) -> None:
+        """Open the control port; the workers may connect from now on."""
+        try:
+            self.hub.listen(self.launch.control_port)
+        except OSError as exc:
+            raise ConfigError(f"distributed serving: {exc}") from exc
 
     # -- on the executor thread --------------------------------------------------------------
 
@@ -52,15 +68,19 @@ class Rank0:
         from .group import Group
         from .shard import shard_model
 
-        group = Group(self.launch)
+        self.hub.arrived.wait()
+        if self.hub.failure is not None:
+            raise ModelLoadError(f"distributed start failed: {self.hub.failure}")
+        self.hub.go()
+        group = Group(self.launch, join_timeout=self.rank_timeout)
         self.group = group
-        port = self.hub.listen()
-        group.broadcast_int(port)  # the workers connect to it now, before they load
-        try:
-            self.hub.accept_workers(timeout=CONNECT_TIMEOUT)
-        except (TimeoutError, OSError) as exc:
-            raise ModelLoadError(f"distributed start failed: {exc}") from exc
-        note = shard_model(model, group.group, self.parallel, str(config.get("model_type")))
+        note = shard_model(
+            model,
+            group.group,
+            self.parallel,
+            str(config.get("model_type")),
+            backend=self.launch.backend,
+        )
         group.barrier()  # every rank has its part of the weights
         self.hub.loaded()
         log.info("%s; %d ranks in lockstep", note, group.size)
@@ -69,54 +89,23 @@ class Rank0:
     def publish(self, plan: StepPlan) -> None:
         self.plans += 1
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("plan %d: %s", self.plans, _describe(plan))
+            log.debug("plan %d: %s", self.plans, describe_plan(plan))
         self.hub.publish(plan)
 
     def share_tokens(self, tokens: mx.array) -> mx.array:
         assert self.group is not None
         return self.group.share_tokens(tokens)
 
-    # -- on the trio side --------------------------------------------------------------------
-
-    async def guard(
-        self,
-        pool: ModelPool,
-        server_state: ServerState,
-        stop_http: trio.Event,
-        http_done: trio.Event,
-    ) -> None:
-        """Wait for a lost rank; then fail everything in-band and exit non-zero."""
-        lost = trio.Event()
-        token = trio.lowlevel.current_trio_token()
-
-        def notify() -> None:
-            try:
-                token.run_sync_soon(lost.set)
-            except trio.RunFinishedError:
-                pass
-
-        self.hub.on_failure(notify)
-        await lost.wait()
-        message = f"distributed serving failed: {self.hub.failure}"
-        server_state.status = "failed"
-        pool.fail_all(message)
-        # Let the error events reach the clients and /health say "failed" for a moment, then
-        # stop: the executor thread may never come back from a collective with the lost rank.
-        await trio.sleep(1.0)
-        stop_http.set()
-        with trio.move_on_after(3.0):
-            await http_done.wait()
-        log.error("%s; exiting", message)
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_RANK_FAILED)
-
     def close(self) -> None:
         self.hub.close()
 
 
-def _describe(plan: StepPlan) -> str:
-    names = [type(c).__name__ for c in plan.commands]
-    flags = [f for f in ("step", "reset", "stop") if getattr(plan, f)]
-    return " ".join([*names, *flags]) or "nothing"
+def open_rank0(
+    launch: Launch, *, parallel: str, rank_timeout: float, on_failure: Callable[[str], None]
+) -> Rank0:
+    """Rank 0's side of distributed serving, its control port open."""
+    if launch.rank != 0:
+        raise ValueError("only rank 0 serves HTTP")
+    rank0 = Rank0(launch, parallel=parallel, rank_timeout=rank_timeout, on_failure=on_failure)
+    rank0.start()
+    return rank0

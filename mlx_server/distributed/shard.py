@@ -2,12 +2,15 @@
 
 - tensor: mlx-lm's own `Model.shard(group)` (llama, mistral, qwen2, qwen3): every attention and
   MLP projection is split over the ranks, with one all-reduce after each block's attention and
-  MLP. Needs the head counts to divide by the number of ranks.
+  MLP. Needs the head counts to divide by the number of ranks. The only mode over NCCL.
 - pipeline: each rank keeps a contiguous run of layers (rank 0 the last ones, as in mlx-lm),
   receives the hidden state from the rank before it, sends its output on, and the final hidden
   state is gathered to every rank (so all of them compute the same logits). mlx-lm's own
   `pipeline(group)` where the architecture has one; otherwise the same scheme applied here to
-  the uniform decoder stacks of llama, mistral, qwen2 and qwen3.
+  the uniform decoder stacks of llama, mistral, qwen2 and qwen3. Needs send/recv: ring, JACCL
+  and MPI have them, MLX's NCCL backend does not.
+
+`auto` picks tensor when the model allows it, else pipeline where the backend can carry it.
 """
 
 from __future__ import annotations
@@ -18,25 +21,44 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import ModelLoadError
+from .launch import PIPELINE_BACKENDS
 
 PARALLEL_MODES = ("auto", "tensor", "pipeline")
 _PIPELINE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def shard_model(model: nn.Module, group: Any, parallel: str, model_type: str) -> str:
-    """Shard `model` in place over `group`; return a note saying how."""
-    n = group.size()
+def choose_parallel(parallel: str, backend: str, problem: str | None, n: int) -> str:
+    """The mode to use: `parallel`, or for auto tensor when the model allows it (`problem` is
+    None), else pipeline where `backend` can carry it; `ModelLoadError` when neither works."""
+    pipeline_ok = backend in PIPELINE_BACKENDS
     if parallel == "auto":
-        parallel = "tensor" if tensor_problem(model, n) is None else "pipeline"
-    if parallel == "tensor":
-        problem = tensor_problem(model, n)
-        if problem is not None:
-            raise ModelLoadError(f"cannot shard this model over {n} ranks (tensor): {problem}")
-        model.shard(group)  # type: ignore[attr-defined]
-    elif parallel == "pipeline":
-        _pipeline(model, group, model_type)
-    else:
+        parallel = "tensor" if problem is None or not pipeline_ok else "pipeline"
+    if parallel == "tensor" and problem is not None:
+        hint = (
+            " (try --parallel pipeline)"
+            if pipeline_ok
+            else (f"; pipeline parallelism needs send/recv, which MLX's {backend} backend lacks")
+        )
+        raise ModelLoadError(f"cannot shard this model over {n} ranks (tensor): {problem}{hint}")
+    if parallel == "pipeline" and not pipeline_ok:
+        raise ModelLoadError(
+            f"pipeline parallelism needs send/recv, which MLX's {backend} backend lacks"
+        )
+    if parallel not in ("tensor", "pipeline"):
         raise ModelLoadError(f"unknown parallel mode {parallel!r}")
+    return parallel
+
+
+def shard_model(
+    model: nn.Module, group: Any, parallel: str, model_type: str, *, backend: str
+) -> str:
+    """Shard `model` in place over `group` (of MLX's `backend`); return a note saying how."""
+    n = group.size()
+    parallel = choose_parallel(parallel, backend, tensor_problem(model, n), n)
+    if parallel == "tensor":
+        model.shard(group)  # type: ignore[attr-defined]
+    else:
+        _pipeline(model, group, model_type)
     mx.eval(model.parameters())
     return f"{parallel} parallel, rank {group.rank()} of {n}"
 
@@ -44,13 +66,13 @@ def shard_model(model: nn.Module, group: Any, parallel: str, model_type: str) ->
 def tensor_problem(model: nn.Module, n: int) -> str | None:
     """Why `model` cannot be tensor-sharded over `n` ranks; None when it can."""
     if not hasattr(model, "shard"):
-        return "mlx-lm has no tensor sharding for this architecture (try --parallel pipeline)"
+        return "mlx-lm has no tensor sharding for this architecture"
     for layer in getattr(model, "layers", []):
         attn = getattr(layer, "self_attn", None)
         for name in ("n_heads", "n_kv_heads"):
             heads = getattr(attn, name, None)
             if isinstance(heads, int) and heads % n:
-                return f"{heads} heads ({name}) do not divide by {n} (try --parallel pipeline)"
+                return f"{heads} heads ({name}) do not divide by {n}"
     return None
 
 

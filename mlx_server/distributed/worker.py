@@ -13,10 +13,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ..engine import model as model_loading
+from ..errors import ModelLoadError
 from ..messages import Abort, Admit, ReleaseCache
-from .control import Link, _die
+from .control import Link, die
 from .launch import Launch
-from .rank0 import _describe
+from .plan import describe_plan
 
 if TYPE_CHECKING:
     import mlx.nn as nn
@@ -26,42 +27,50 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def run(settings: Settings, launch: Launch) -> int:
+def run(settings: Settings, launch: Launch, *, spec: str | None, served_name: str | None) -> int:
+    """Serve as rank `launch.rank`: `spec` is the model (path or repo; None for the bundled
+    one) that rank 0 serves, as the runtime resolved it."""
     from .group import Group
     from .shard import shard_model
 
     link = Link(launch.rank, rank_timeout=settings.rank_timeout)
+    host = launch.rank0_host or "127.0.0.1"
+    try:
+        link.connect(host, launch.control_port, timeout=settings.rank_timeout)
+    except OSError as exc:
+        raise ModelLoadError(f"rank {launch.rank}: {exc}") from exc
+    log.info("rank %d: connected to rank 0 at %s:%d", launch.rank, host, launch.control_port)
+    shared: dict[str, Any] = {}
 
     def shard(model: nn.Module, config: dict[str, Any]) -> str:
-        group = Group(launch)
-        port = group.broadcast_int(0)
-        host = launch.rank0_host or "127.0.0.1"
-        link.connect(host, port)
-        log.info("rank %d: connected to rank 0 at %s:%d", launch.rank, host, port)
-        note = shard_model(model, group.group, settings.parallel, str(config.get("model_type")))
+        link.wait_go()
+        group = Group(launch, join_timeout=settings.rank_timeout)
+        note = shard_model(
+            model,
+            group.group,
+            settings.parallel,
+            str(config.get("model_type")),
+            backend=launch.backend,
+        )
         group.barrier()
         link.loaded()
         shared["group"] = group
         return note
 
-    from ..actors.models import split_model_arg
-
-    shared: dict[str, Any] = {}
-    name, spec = split_model_arg(settings.model)
     log.info("rank %d of %d: loading %s", launch.rank, launch.size, spec or "the default model")
     loaded = model_loading.load(
         spec,
-        served_name=name or settings.served_model_name,
+        served_name=served_name,
         cpu_dequantize=settings.cpu_dequantize,  # type: ignore[arg-type]
         shard=shard,
     )
-    from ..actors.executor import _vocab_size
     from ..engine.batch import BatchEngine
 
+    vocab_size = loaded.config.get("vocab_size")
     engine = BatchEngine(
         loaded.model,
         eos_token_ids=loaded.tokenizer.eos_token_ids,
-        vocab_size=_vocab_size(loaded),
+        vocab_size=vocab_size if isinstance(vocab_size, int) else loaded.tokenizer.vocab_size,
         prefill_chunk=settings.prefill_chunk,
         keep_caches=settings.prompt_cache_bytes > 0,
         tokenizer=loaded.tokenizer,
@@ -79,9 +88,9 @@ def follow(engine: Any, link: Link) -> int:
         plan = link.plans.get()
         plans += 1
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("rank %d: plan %d: %s", link.rank, plans, _describe(plan))
+            log.debug("rank %d: plan %d: %s", link.rank, plans, describe_plan(plan))
         if step_failed and not plan.reset:
-            _die(f"rank {link.rank}: a step failed here but not on rank 0; exiting")
+            die(f"rank {link.rank}: a step failed here but not on rank 0; exiting")
         step_failed = False
         if plan.reset:
             engine.abort_all("error")
