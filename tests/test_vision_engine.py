@@ -90,6 +90,14 @@ def test_greedy_equals_mlx_vlm(
     assert vision.generate_greedy(vm, vp, MAX_TOKENS) == expected
 
 
+def test_chunked_prefill_matches(vm: vision.VisionModel) -> None:
+    """Prefill in chunks of 5 tokens (chunk borders inside the image tokens) reads the same."""
+    vp = vision.prepare_vision_prompt(vm, _prompt(vm, "Two pictures:", 2), [WIDE, RED_SQUARE])
+    assert vp.new_tokens > 15
+    whole = vision.generate_greedy(vm, vp, MAX_TOKENS)
+    assert vision.generate_greedy(vm, vp, MAX_TOKENS, chunk=5) == whole
+
+
 def test_image_rows_batch_with_text_rows(vm: vision.VisionModel) -> None:
     """Three prompts of different lengths (two with images, whose rope deltas differ, one
     text-only) prefilled separately, merged into one left-padded BatchKVCache and decoded
@@ -164,6 +172,32 @@ def test_follow_up_turn_reuses_the_image_prefix(vm: vision.VisionModel) -> None:
 
     other = vision.prepare_vision_prompt(vm, second, [RED_SQUARE])
     assert _common_prefix(turn1.cache_key, other.cache_key) < shared
+
+
+def test_follow_up_turn_with_a_new_image(vm: vision.VisionModel) -> None:
+    """Turn 2 adds a second image after turn 1's: only the new part is read (the encoder runs,
+    its features for the cached image are not used) and the answer equals a cold prefill."""
+    first_turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "A?"}]}
+    first = vision.render_messages(vm, [first_turn])
+    second = vision.render_messages(
+        vm,
+        [
+            first_turn,
+            {"role": "assistant", "content": "B."},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And C?"}]},
+        ],
+    )
+    turn1 = vision.prepare_vision_prompt(vm, first, [WIDE])
+    cache = vm.make_cache()
+    vision.prefill(vm, turn1, cache)
+    cold = vision.prepare_vision_prompt(vm, second, [WIDE, RED_SQUARE])
+    shared = _common_prefix(turn1.cache_key, cold.cache_key)
+    for c in cache:
+        c.trim(c.offset - shared)
+    warm = vision.prepare_vision_prompt(vm, second, [WIDE, RED_SQUARE], start=shared)
+    assert warm.new_tokens < cold.new_tokens - turn1.image_tokens
+    expected = vision.generate_greedy(vm, cold, MAX_TOKENS)
+    assert vision.generate_greedy(vm, warm, MAX_TOKENS, cache=cache, chunk=3) == expected
 
 
 def test_cache_key_marks_image_tokens_by_content() -> None:

@@ -35,13 +35,14 @@ from .images import DecodedImage
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-SUPPORTED_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl"})
-"""mlx-vlm model types this module runs (multimodal RoPE, one image-pad token per patch group)."""
+_QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+_IMAGE_PLACEHOLDERS = {"qwen2_vl": _QWEN_IMAGE, "qwen2_5_vl": _QWEN_IMAGE, "qwen3_vl": _QWEN_IMAGE}
 
-_IMAGE_PLACEHOLDERS = {
-    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-}
+SUPPORTED_TYPES = frozenset(_IMAGE_PLACEHOLDERS)
+"""mlx-vlm model types this module runs: the Qwen-VL scheme (one image-pad token per merged
+patch group, multimodal RoPE; Qwen3-VL adds "deepstack" features into early layers)."""
+
+_POSITION_FIELDS = ("inputs_embeds", "position_ids", "rope_deltas")
 
 
 def is_vision_config(config: Mapping[str, Any]) -> bool:
@@ -157,9 +158,13 @@ class VisionPrompt:
     """(3, 1, len(input_ids) - start) multimodal RoPE positions."""
     rope_delta: int
     """Position of the next token minus its index: decoding positions are offset + rope_delta."""
+    extra: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+    """Further language-model inputs for prefill, over the whole prompt (the model slices them
+    at its cache offset): Qwen3-VL's image-position mask and deepstack features."""
 
     @property
-    def extra_tokens(self) -> int:
+    def new_tokens(self) -> int:
+        """Tokens prefill reads (the prompt after the cached `start`)."""
         return len(self.input_ids) - self.start
 
 
@@ -218,11 +223,15 @@ def prepare_vision_prompt(
         out = vm.model.get_input_embeddings(input_ids, pixel_values, mask=mask, **extra)
         embeddings = out.inputs_embeds[:, start:]
         position_ids, deltas = out.position_ids, out.rope_deltas
+        features = {
+            k: v for k, v in out.to_dict().items() if k not in _POSITION_FIELDS and v is not None
+        }
     else:
         # Every image is in the cached prefix (or there is none): no encoder run; the
         # positions still come from the whole prompt's image grid.
         embeddings = lm.model.embed_tokens(input_ids[:, start:])
         position_ids, deltas = lm.get_rope_index(input_ids, extra.get("image_grid_thw"), None, mask)
+        features = {}
     if position_ids.ndim == 2:
         position_ids = mx.broadcast_to(position_ids[None], (3, *position_ids.shape))
     position_ids = position_ids[..., start:]
@@ -236,6 +245,7 @@ def prepare_vision_prompt(
         embeddings=embeddings,
         position_ids=position_ids,
         rope_delta=_ints(deltas.reshape(-1))[0],
+        extra=features,
     )
 
 
@@ -295,6 +305,7 @@ def forward(
     embeddings: mx.array | None = None,
     position_ids: mx.array | None = None,
     rope_deltas: Sequence[int] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> mx.array:
     """One language-model pass over (B, L) `inputs` (or their `embeddings`) extending
     `cache`; returns logits (B, L, vocab). Positions: `position_ids` if given, otherwise each
@@ -308,7 +319,7 @@ def forward(
         positions = rows[:, None] + mx.arange(length, dtype=mx.int32)[None, :]
         position_ids = mx.broadcast_to(positions[None], (3, batch, length))
     out = vm.language_model(
-        inputs, inputs_embeds=embeddings, cache=cache, position_ids=position_ids
+        inputs, inputs_embeds=embeddings, cache=cache, position_ids=position_ids, **(extra or {})
     )
     return out.logits
 
@@ -326,6 +337,7 @@ def prefill(vm: VisionModel, vp: VisionPrompt, cache: list[Any], *, chunk: int =
             cache,
             embeddings=vp.embeddings[:, done : done + chunk],
             position_ids=vp.position_ids[..., done : done + chunk],
+            extra=vp.extra,
         )
         mx.eval([c.state for c in cache])
         done += chunk
@@ -335,6 +347,7 @@ def prefill(vm: VisionModel, vp: VisionPrompt, cache: list[Any], *, chunk: int =
         cache,
         embeddings=vp.embeddings[:, done:],
         position_ids=vp.position_ids[..., done:],
+        extra=vp.extra,
     )
     return logits[:, -1, :]
 
@@ -349,12 +362,17 @@ def decode_step(
 
 
 def generate_greedy(
-    vm: VisionModel, vp: VisionPrompt, max_tokens: int, cache: list[Any] | None = None
+    vm: VisionModel,
+    vp: VisionPrompt,
+    max_tokens: int,
+    cache: list[Any] | None = None,
+    *,
+    chunk: int = 512,
 ) -> list[int]:
     """Greedy tokens for one prompt (stops after an end-of-sequence token, which is not
     returned): the simplest complete use of this module, and the tests' reference."""
     cache = cache if cache is not None else vm.make_cache()
-    logits = prefill(vm, vp, cache)
+    logits = prefill(vm, vp, cache, chunk=chunk)
     out: list[int] = []
     while len(out) < max_tokens:
         token = _ints(mx.argmax(logits, axis=-1))[0]

@@ -85,12 +85,35 @@ TINY_VLM_VISION: dict[str, dict[str, Any]] = {
         "temporal_patch_size": 2,
         "in_channels": 3,
     },
+    # Patches of 16 pixels, learned position embeddings on an 8x8 grid (interpolated to the
+    # image's grid) and one "deepstack" layer whose features are added into the language
+    # model's first layer at the image positions.
+    "qwen3_vl": {
+        "model_type": "qwen3_vl",
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "out_hidden_size": 64,
+        "num_heads": 2,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 64,
+        "deepstack_visual_indexes": [0],
+        "in_channels": 3,
+    },
 }
 
 TINY_VLM_TYPES = tuple(TINY_VLM_VISION)
 
-_MAX_PIXELS = 112 * 112
-_MIN_PIXELS = 56 * 56
+_PATCH = {"qwen2_5_vl": 14, "qwen2_vl": 14, "qwen3_vl": 16}
+"""Pixels per patch side; the processor resizes images to multiples of 2 x this."""
+
+_ARCHITECTURES = {
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
 
 
 def vision_tokenizer() -> HFTokenizer:
@@ -108,20 +131,19 @@ def build_tiny_vlm(
     *,
     seed: int = 0,
     scale: float = 4.0,
-    max_pixels: int = _MAX_PIXELS,
+    max_pixels: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Create, save and return (model, config) of a tiny VLM of `model_type`."""
-    from mlx_vlm.utils import get_model_and_args
+    """Create, save and return (model, config) of a tiny VLM of `model_type`. Images are
+    resized to at most `max_pixels` (default 8 x 8 patches: 16 image tokens)."""
+    from mlx_vlm.utils import get_model_and_args, update_module_configs
 
     tokenizer = vision_tokenizer()
     ids = {t: tokenizer.token_to_id(t) for t in VISION_TOKENS}
-    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    text = {**_TEXT, "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True)}
     eos = tokenizer.token_to_id("<|im_end|>")
     config: dict[str, Any] = {
         "model_type": model_type,
         "architectures": [_ARCHITECTURES[model_type]],
-        **_TEXT,
-        "vocab_size": vocab,
         "vision_start_token_id": ids["<|vision_start|>"],
         "vision_end_token_id": ids["<|vision_end|>"],
         "image_token_id": ids["<|image_pad|>"],
@@ -130,10 +152,24 @@ def build_tiny_vlm(
         "bos_token_id": tokenizer.token_to_id("<|im_start|>"),
         "vision_config": dict(TINY_VLM_VISION[model_type]),
     }
+    if model_type == "qwen3_vl":
+        # Qwen3-VL checkpoints nest the language model's settings; q/k norms, explicit head_dim
+        # and interleaved multimodal RoPE sections.
+        rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+        config["text_config"] = {
+            **text,
+            "model_type": "qwen3_vl_text",
+            "head_dim": 16,
+            "rope_scaling": rope,
+        }
+        config["tie_word_embeddings"] = True
+    else:
+        config.update(text)
     arch, _ = get_model_and_args(config)
-    model_config = arch.ModelConfig.from_dict(json.loads(json.dumps(config)))
-    model_config.vision_config = arch.VisionConfig.from_dict(config["vision_config"])
-    model_config.text_config = arch.TextConfig.from_dict(config)
+    spec = json.loads(json.dumps(config))  # from_dict and friends modify what they are given
+    model_config = update_module_configs(
+        arch.ModelConfig.from_dict(spec), arch, spec, ["text", "vision"]
+    )
     mx.random.seed(seed)
     model = arch.Model(model_config)
     model.update(tree_map(lambda p: p * scale if p.ndim > 1 else p, model.parameters()))
@@ -143,18 +179,26 @@ def build_tiny_vlm(
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
     _write_json(out_dir / "config.json", config)
-    _write_processor(out_dir, tokenizer, eos_token="<|im_end|>", max_pixels=max_pixels)
+    unit = 2 * _PATCH[model_type]
+    _write_processor(
+        out_dir,
+        tokenizer,
+        eos_token="<|im_end|>",
+        patch_size=_PATCH[model_type],
+        min_pixels=(2 * unit) ** 2,
+        max_pixels=max_pixels or (4 * unit) ** 2,
+    )
     return model, config
 
 
-_ARCHITECTURES = {
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-}
-
-
 def _write_processor(
-    out_dir: Path, tokenizer: HFTokenizer, *, eos_token: str, max_pixels: int
+    out_dir: Path,
+    tokenizer: HFTokenizer,
+    *,
+    eos_token: str,
+    patch_size: int,
+    min_pixels: int,
+    max_pixels: int,
 ) -> None:
     tokenizer.save(str(out_dir / "tokenizer.json"))
     added = {
@@ -192,10 +236,10 @@ def _write_processor(
         "do_convert_rgb": True,
         "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "patch_size": 14,
+        "patch_size": patch_size,
         "temporal_patch_size": 2,
         "merge_size": 2,
-        "min_pixels": _MIN_PIXELS,
+        "min_pixels": min_pixels,
         "max_pixels": max_pixels,
     }
     _write_json(out_dir / "preprocessor_config.json", image)
