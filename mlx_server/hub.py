@@ -106,31 +106,38 @@ def find_cached(repo_id: str, root: Path | None = None) -> CachedModel | None:
 
 
 def _progress_class(repo_id: str, report: Callable[[PullProgress], None]) -> type[Any]:
-    """A tqdm class for huggingface_hub that reports byte progress to `report` (bars counting
-    files, not bytes, are ignored), at most every 0.2 s."""
+    """A tqdm class for huggingface_hub that reports byte progress to `report`, at most every
+    0.2 s. `snapshot_download` feeds each chunk to two byte bars: "Reconstructing" (bytes
+    written, whose `total` it grows as files start) and "Downloading bytes" (network bytes: the
+    same bytes again over plain HTTP); only the first counts. Bars counting files are ignored.
+    Totals are read when reporting, since huggingface_hub sets `total` after creating a bar."""
     from tqdm.auto import tqdm
 
     lock = threading.Lock()
-    state = {"done": 0, "total": 0, "last": 0.0}
+    bars: list[Any] = []
+    last = [0.0]
 
     class Reporting(tqdm):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["disable"] = True
-            self._bytes = kwargs.get("unit") == "B"
+            desc = str(kwargs.get("desc") or "")
+            self._counted = kwargs.get("unit") == "B" and not desc.startswith("Downloading bytes")
+            self._bytes_done = 0
             super().__init__(*args, **kwargs)
-            if self._bytes and self.total:
+            if self._counted:
                 with lock:
-                    state["total"] += int(self.total)
+                    bars.append(self)
 
         def update(self, n: float | None = 1) -> bool | None:
-            if self._bytes and n:
+            if self._counted and n:
                 with lock:
-                    state["done"] += int(n)
+                    self._bytes_done += int(n)
                     now = time.monotonic()
-                    if now - state["last"] < 0.2:
+                    if now - last[0] < 0.2:
                         return None
-                    state["last"] = now
-                    done, total = int(state["done"]), int(state["total"])
+                    last[0] = now
+                    done = sum(b._bytes_done for b in bars)
+                    total = sum(int(b.total or 0) for b in bars)
                 report(PullProgress(repo_id=repo_id, downloaded=done, total=max(total, done)))
             return None
 
@@ -143,10 +150,12 @@ def pull(
     revision: str | None = None,
     root: Path | None = None,
     progress: Callable[[PullProgress], None] | None = None,
+    endpoint: str | None = None,
 ) -> Path:
     """Download `repo_id`'s model files into the cache (what is already there is kept) and
     return the snapshot folder. Blocking: run it off the event loop. Errors are
-    `ModelLoadError`s with one readable line."""
+    `ModelLoadError`s with one readable line. `endpoint` overrides `HF_ENDPOINT` (a mirror, or
+    a fake hub in tests)."""
     import huggingface_hub
     from huggingface_hub import errors as hf_errors
 
@@ -154,6 +163,8 @@ def pull(
     kwargs: dict[str, Any] = {"allow_patterns": MODEL_FILE_PATTERNS, "revision": revision}
     if root is not None:
         kwargs["cache_dir"] = root
+    if endpoint is not None:
+        kwargs["endpoint"] = endpoint
     if progress is not None:
         kwargs["tqdm_class"] = _progress_class(repo_id, progress)
     try:
