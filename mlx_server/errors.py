@@ -28,6 +28,7 @@ class RequestError(MlxServerError):
         param: str | None = None,
         code: str | None = None,
         status: int | None = None,
+        kind: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -35,6 +36,8 @@ class RequestError(MlxServerError):
         self.code = code
         if status is not None:
             self.status = status
+        if kind is not None:
+            self.kind = kind
 
 
 class InvalidRequest(RequestError):
@@ -62,8 +65,9 @@ class RequestTimeout(RequestError):
     kind = "timeout_error"
 
 
-class EngineFailure(RequestError):
-    """The executor failed while working on a request."""
+class GenerationFailed(RequestError):
+    """A generation that had started ended with an error (the stream's `Failed` event): its
+    status and kind are the engine's, answered as they are."""
 
     status = 500
     kind = "api_error"

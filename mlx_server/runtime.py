@@ -17,8 +17,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from .actors.models import ModelPool, make_slots
-from .actors.models import specs as model_specs
+from .actors.pool import ModelPool, make_slots
+from .actors.pool import specs as model_specs
 from .api.app import create_app
 from .api.metrics import metrics_of
 from .api.state import ServerState

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from anthropic.types import MessageParam
 
-from mlx_server.api import anthropic as anthropic_api
+from mlx_server.generation.prepare import closing_length
 from mlx_server.testing import openapi, streams
 from mlx_server.testing.server import ServerProcess
 
@@ -49,7 +49,7 @@ def test_prefill_closing_length(
     full: tuple[int, ...], empty: tuple[int, ...], closing: int
 ) -> None:
     """The tokens a template writes after the final turn's content: never part of the content."""
-    assert anthropic_api._closing_length(full, empty) == closing
+    assert closing_length(full, empty) == closing
 
 
 # --------------------------------------------------------------------------- fixtures / helpers

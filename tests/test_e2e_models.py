@@ -247,7 +247,7 @@ async def test_a_model_with_a_stream_in_flight_is_not_unloaded(
 
 
 def test_model_flags_env_and_names(tmp_path: Path) -> None:
-    from mlx_server.actors.models import make_slots, split_model_arg
+    from mlx_server.actors.pool import make_slots, split_model_arg
     from mlx_server.config import load_settings
     from mlx_server.errors import ConfigError
 

@@ -351,8 +351,8 @@ async def test_text_format_is_plain_generation(tiny_server: ServerProcess) -> No
     [
         ("json", "must be an object"),
         ({"type": "xml"}, "must be one of"),
-        ({"type": "json_schema"}, "json_schema' must be an object"),
-        ({"type": "json_schema", "json_schema": {"name": "x"}}, "schema' must be a JSON Schema"),
+        ({"type": "json_schema"}, "json_schema' is required"),
+        ({"type": "json_schema", "json_schema": {"name": "x"}}, "schema' is required"),
         ({"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}, "name"),
         ({"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}}, "strict"),
         (person_format() | {"json_schema": {"schema": {"not": {}}}}, "cannot be enforced"),

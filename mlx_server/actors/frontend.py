@@ -1,6 +1,7 @@
-"""What the HTTP layer talks to: prompt preparation and generation streams.
+"""One loaded model as the generation path sees it (`generation.ModelPort`): template
+rendering and tokenization, grammar checks, detokenizing, embedding jobs, and the stream actors.
 
-The API handlers never touch MLX, the tokenizer or the actors' internals; they build messages
+Callers never touch MLX, the tokenizer or the actors' internals; they send messages
 (`PromptSpec`, `GenerationRequest`) and read `StreamEvent`s. Chat templating and tokenization run
 in a worker thread so a long prompt never stalls the event loop.
 """
@@ -8,10 +9,9 @@ in a worker thread so a long prompt never stalls the event loop.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import trio
@@ -65,14 +65,22 @@ class Frontend:
     def scheduler(self) -> Scheduler:
         return self._scheduler
 
-    async def prompt_ids(self, spec: PromptSpec) -> tuple[int, ...]:
+    @property
+    def sampling_defaults(self) -> Mapping[str, Any] | None:
+        """The model's own sampling defaults (its `generation_config.json`), when known."""
+        return getattr(self._loaded, "sampling_defaults", None)
+
+    async def prompt_ids(
+        self, spec: PromptSpec, *, param: str = "prompt", what: str = ""
+    ) -> tuple[int, ...]:
         """Render and tokenize a prompt off the event loop."""
         if spec.token_ids is not None:
             vocab = self._loaded.tokenizer.vocab_size
             bad = [t for t in spec.token_ids if not 0 <= t < vocab]
             if bad:
+                where = f"{what}: " if what else ""
                 raise InvalidRequest(
-                    f"token id {bad[0]} is out of range [0, {vocab})", param="prompt"
+                    f"{where}token id {bad[0]} is out of range [0, {vocab})", param=param
                 )
             return spec.token_ids
         return await trio.to_thread.run_sync(self._render_and_encode, spec)
@@ -94,19 +102,13 @@ class Frontend:
     def _render_and_encode(self, spec: PromptSpec) -> tuple[int, ...]:
         tok = self._loaded.tokenizer
         if spec.chat is not None:
-            messages: list[dict[str, Any]] = []
-            for m in spec.chat:
-                # Templates concatenate content; a tool-call turn's null content is "" to them.
-                entry: dict[str, Any] = {"role": m.role, "content": m.content or ""}
-                if m.name is not None:
-                    entry["name"] = m.name
-                for key, value in m.extra:
-                    entry[key] = json.loads(value)
-                messages.append(entry)
-            tools = json.loads(spec.tools_json) if spec.tools_json else None
-            kwargs = json.loads(spec.template_kwargs_json) if spec.template_kwargs_json else {}
+            messages = [m.template_json() for m in spec.chat]
+            tools = [t.template_json() for t in spec.tools] or None
             text = self._loaded.template.render(
-                messages, add_generation_prompt=spec.add_generation_prompt, tools=tools, **kwargs
+                messages,
+                add_generation_prompt=spec.add_generation_prompt,
+                tools=tools,
+                **dict(spec.template_kwargs),
             )
             if spec.prefill:
                 if text.rstrip().endswith("<think>"):
@@ -114,28 +116,6 @@ class Frontend:
                 text += spec.prefill
             return tuple(tok.encode(text))
         return tuple(tok.encode(spec.text or "", add_special_tokens=True))
-
-    def check_length(
-        self,
-        prompt_ids: tuple[int, ...],
-        max_tokens: int = 0,
-        *,
-        param: str = "messages",
-        what: str = "the prompt",
-    ) -> int:
-        """Validate a prompt against the context window (a generation needs room for at least
-        one token; an embedding input may fill it); return the effective max_tokens."""
-        if not prompt_ids:
-            raise InvalidRequest(f"{what} has no tokens", param=param)
-        room = self.context_length - len(prompt_ids)
-        if room < (1 if max_tokens > 0 else 0):
-            raise InvalidRequest(
-                f"this model's maximum context length is {self.context_length} tokens; "
-                f"{what} has {len(prompt_ids)}",
-                code="context_length_exceeded",
-                param=param,
-            )
-        return min(max_tokens, room)
 
     async def embed(
         self, inputs: Sequence[tuple[int, ...]], *, dimensions: int | None = None
@@ -313,9 +293,13 @@ class Frontend:
 
     # -- tool calls and reasoning (mlx_server.tools) ------------------------------------------
 
-    @functools.cached_property
+    @property
     def output_format(self) -> OutputFormat:
         """The model's tool-call markup and reasoning style, from its type and template."""
+        return self._format
+
+    @functools.cached_property
+    def _format(self) -> OutputFormat:
         return detect_format(self._loaded.config.get("model_type"), self._loaded.template.source)
 
     @functools.cached_property

@@ -7,11 +7,13 @@ from quart_trio import QuartTrio
 
 from ..config import Settings
 from ..replay.record import TraceRecorder
-from . import anthropic, completions, embeddings, openai, openapi_doc, web
+from . import openapi_doc, web
 from .access import install_access_control
+from .anthropic import routes as anthropic_routes
 from .cors import install_cors
 from .errors import install_error_handlers
 from .metrics import install_metrics
+from .openai import routes as openai_routes
 from .outcome import install_outcomes
 from .state import ServerState, install_model_pins, models, state
 
@@ -30,10 +32,8 @@ def create_app(settings: Settings, server_state: ServerState) -> QuartTrio:
     # hook may answer it.
     recorder = TraceRecorder(settings.record_trace) if settings.record_trace else None
     install_outcomes(app, recorder)
-    app.register_blueprint(openai.bp)
-    app.register_blueprint(anthropic.bp)
-    app.register_blueprint(completions.bp)
-    app.register_blueprint(embeddings.bp)
+    app.register_blueprint(openai_routes.bp)
+    app.register_blueprint(anthropic_routes.bp)
     app.register_blueprint(web.bp)  # the chat page at / (no key needed; its /v1 calls need one)
     install_error_handlers(app)
     install_metrics(app, server_state)  # /metrics, open like /health

@@ -14,7 +14,7 @@ from typing import Any
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from ..errors import RequestError
+from ..errors import GenerationFailed, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,10 @@ def error_response(
 
 
 def error_from_exception(exc: RequestError) -> Response:
+    if isinstance(exc, GenerationFailed):  # the engine's own status and kind, as they are
+        if is_anthropic_path(request.path):
+            return anthropic_error(exc.message, status=exc.status, kind=exc.kind)
+        return openai_error(exc.message, status=exc.status, kind=exc.kind)
     status = exc.status
     if exc.kind == "overloaded_error" and is_anthropic_path(request.path):
         status = 529  # Anthropic's "overloaded" status

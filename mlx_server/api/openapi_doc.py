@@ -28,7 +28,7 @@ from typing import Any
 from quart import Quart
 
 from ..config import Settings
-from . import completions, embeddings, openai
+from .openai import protocol as openai
 from .state import state
 
 Schema = dict[str, Any]
@@ -39,9 +39,9 @@ DOCUMENT_PATH = "/openapi.json"
 # Limits the handlers enforce: their own constants where they have one, else the literal they
 # check (tests/test_fuzz.py's negative fuzzing fails when a documented limit is not enforced).
 CHAT_MAX_N = openai.MAX_N
-COMPLETIONS_MAX_N = completions.MAX_N
-COMPLETIONS_MAX_LOGPROBS = completions.MAX_LOGPROBS
-EMBEDDINGS_MAX_INPUTS = embeddings.MAX_INPUTS
+COMPLETIONS_MAX_N = openai.MAX_N
+COMPLETIONS_MAX_LOGPROBS = openai.MAX_LOGPROBS
+EMBEDDINGS_MAX_INPUTS = openai.MAX_EMBEDDING_INPUTS
 MAX_STOP_SEQUENCES = 4  # params.Fields.stop_list
 MAX_TOP_LOGPROBS = 20  # openai.chat_completions
 

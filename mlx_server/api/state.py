@@ -11,7 +11,7 @@ from ..errors import ServiceUnavailable
 
 if TYPE_CHECKING:
     from ..actors.frontend import Frontend
-    from ..actors.models import ModelPool
+    from ..actors.pool import ModelPool
 
 
 @attrs.define(eq=False)

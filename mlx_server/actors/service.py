@@ -1,0 +1,103 @@
+"""One loaded model: its executor thread, prompt-cache manager, scheduler and frontend,
+living in one nursery (so unloading the model is cancelling its scope)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..config import Settings
+from ..engine import model as model_loading
+from ..messages import ExecutorCommand
+from .cache import CacheManager
+from .executor import Executor
+from .frontend import Frontend
+from .scheduler import GenerationMetrics, Scheduler
+
+if TYPE_CHECKING:
+    from ..distributed.rank0 import Rank0
+    from .pool import ModelSlot
+
+log = logging.getLogger(__name__)
+
+
+class ModelService:
+    """One loaded model: executor thread, cache manager, scheduler and frontend."""
+
+    def __init__(
+        self,
+        slot: ModelSlot,
+        settings: Settings,
+        metrics: GenerationMetrics,
+        *,
+        rank0: Rank0 | None = None,
+    ) -> None:
+        self.rank0 = rank0  # distributed serving: the model is sharded over the ranks
+        self.slot = slot
+        self.settings = settings
+        self.metrics = metrics
+        self.scope = trio.CancelScope()
+        self.stopped = trio.Event()
+        self.frontend: Frontend | None = None
+        self.weights_bytes = 0
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Frontend] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        settings, slot = self.settings, self.slot
+        try:
+            with self.scope:
+                async with trio.open_nursery() as nursery:
+                    executor: Executor
+
+                    def to_executor(command: ExecutorCommand) -> None:
+                        executor.send(command)
+
+                    cache = CacheManager(settings.prompt_cache_bytes, to_executor)
+                    scheduler = Scheduler(
+                        to_executor,
+                        cache,
+                        max_running=settings.max_batch_size,
+                        max_waiting=settings.max_queue,
+                    )
+                    executor = Executor(
+                        lambda: model_loading.load(
+                            slot.spec,
+                            served_name=slot.name,
+                            cpu_dequantize=settings.cpu_dequantize,  # type: ignore[arg-type]
+                            shard=self.rank0.shard if self.rank0 is not None else None,
+                        ),
+                        on_output=scheduler.on_executor_output,
+                        prefill_chunk=settings.prefill_chunk,
+                        keep_caches=settings.prompt_cache_bytes > 0,
+                        lockstep=self.rank0,
+                    )
+                    log.info("loading model %s (%s)", slot.name, slot.spec or "bundled default")
+                    loaded = await nursery.start(executor.serve)
+                    await nursery.start(cache.serve)
+                    await nursery.start(scheduler.serve)
+                    scheduler.metrics = self.metrics
+                    self.weights_bytes = loaded.weights_bytes
+                    self.frontend = Frontend(
+                        loaded,
+                        scheduler,
+                        nursery,
+                        timeout=settings.timeout if settings.timeout > 0 else math.inf,
+                        default_max_tokens=settings.max_tokens,
+                        model_aliases=slot.aliases,
+                        submit_job=executor.send,
+                    )
+                    log.info("model %s ready (%s)", loaded.name, loaded.source)
+                    task_status.started(self.frontend)
+                    await trio.sleep_forever()
+        finally:
+            self.frontend = None
+            self.stopped.set()
+
+    @property
+    def busy(self) -> bool:
+        fe = self.frontend
+        return fe is not None and not fe.idle

@@ -1,0 +1,70 @@
+"""OpenAI's routes: each one parse -> convert -> run -> render."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Blueprint, Response
+
+from ...actors.pool import ModelSlot
+from ...generation.prepare import check_length
+from .. import outcome
+from ..protocol import parse
+from ..run import run
+from ..state import models, use_model
+from . import convert, render
+from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+bp = Blueprint("openai", __name__)
+
+
+@bp.post("/v1/chat/completions")
+async def chat_completions() -> Response | dict[str, Any]:
+    body = await parse(ChatCompletionRequest)
+    request = convert.chat_request(body)
+    return await run(request, render.ChatRender(include_usage=convert.include_usage(body)))
+
+
+@bp.post("/v1/completions")
+async def completions() -> Response | dict[str, Any]:
+    body = await parse(CompletionRequest)
+    request = convert.completion_request(body)
+    renderer = render.CompletionRender(
+        echo=bool(body.echo), include_usage=convert.include_usage(body)
+    )
+    return await run(request, renderer)
+
+
+@bp.post("/v1/embeddings")
+async def embeddings() -> Response | dict[str, Any]:
+    """Each input's vector is the mean of the model's final hidden states over its tokens,
+    L2-normalised (`engine.embeddings`); `dimensions` truncates it and normalises again."""
+    body = await parse(EmbeddingRequest)
+    models()  # 503 until the server is ready
+    fe = await use_model(body.model)
+    inputs: list[tuple[int, ...]] = []
+    for i, spec in enumerate(convert.prompt_specs(body.input, param="input")):
+        what = f"'input[{i}]'"
+        ids = await fe.prompt_ids(spec, param="input", what=what)
+        check_length(fe.context_length, ids, 0, param="input", what=what)
+        inputs.append(ids)
+    vectors = await fe.embed(inputs, dimensions=body.dimensions)
+    tokens = sum(len(ids) for ids in inputs)
+    outcome.current().prompt_tokens = tokens
+    return render.embeddings_json(
+        vectors, model=fe.model_name, tokens=tokens, encoding=body.encoding_format
+    )
+
+
+@bp.get("/v1/models")
+async def list_models() -> dict[str, Any]:
+    return {"object": "list", "data": [_model_json(slot) for slot in models().slots]}
+
+
+@bp.get("/v1/models/<path:model_id>")
+async def get_model(model_id: str) -> dict[str, Any]:
+    return _model_json(models().resolve(model_id))
+
+
+def _model_json(slot: ModelSlot) -> dict[str, Any]:
+    return {"id": slot.name, "object": "model", "created": slot.created, "owned_by": "mlx-server"}
