@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -19,9 +19,16 @@ from .scheduler import GenerationMetrics, Scheduler
 
 if TYPE_CHECKING:
     from ..distributed.rank0 import Rank0
-    from .pool import ModelSlot
 
 log = logging.getLogger(__name__)
+
+
+class ModelIdentity(Protocol):
+    """What a service needs to know of its model (`pool.ModelSlot` is one)."""
+
+    name: str
+    spec: str | None
+    aliases: tuple[str, ...]
 
 
 class ModelService:
@@ -29,7 +36,7 @@ class ModelService:
 
     def __init__(
         self,
-        slot: ModelSlot,
+        slot: ModelIdentity,
         settings: Settings,
         metrics: GenerationMetrics,
         *,
