@@ -200,6 +200,28 @@ def test_follow_up_turn_with_a_new_image(vm: vision.VisionModel) -> None:
     assert vision.generate_greedy(vm, warm, MAX_TOKENS, cache=cache, chunk=3) == expected
 
 
+def test_text_rows_run_through_mlx_lm_code(vm: vision.VisionModel) -> None:
+    """The language-model view runs under mlx-lm's own `generate_step` (and its
+    `make_prompt_cache`) for a text-only prompt, matching mlx-vlm's generation."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    prompt = _prompt(vm, "Just text, please.", 0)
+    expected = _mlx_vlm_greedy(vm, prompt, [])
+    ids = vision.prepare_vision_prompt(vm, prompt, []).input_ids
+    view: Any = vision.LanguageModelView(vm)
+    got: list[int] = []
+    for token, _ in generate_step(
+        mx.array(ids),
+        view,
+        max_tokens=len(expected),
+        sampler=lambda logprobs: mx.argmax(logprobs, axis=-1),
+        prompt_cache=make_prompt_cache(view),
+    ):
+        got.append(int(token))
+    assert got == expected
+
+
 def test_cache_key_marks_image_tokens_by_content() -> None:
     ids = [1, 9, 9, 2, 9, 9, 9, 3]
     key = vision.image_cache_key(ids, 9, ["ab" * 32, "cd" * 32])

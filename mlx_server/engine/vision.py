@@ -324,6 +324,38 @@ def forward(
     return out.logits
 
 
+class LanguageModelView:
+    """The language half of a VLM with an mlx-lm model's calling convention
+    (`view(inputs, cache=...)` -> logits, `.layers` for `make_prompt_cache`), so code written
+    for mlx-lm models (the batch engine, `mlx_lm.generate.generate_step`) runs a VLM's text-only
+    rows unchanged. Rows that hold images need their `rope_deltas` (or their prompt's
+    `position_ids` during prefill): pass them through the keyword arguments."""
+
+    def __init__(self, vm: VisionModel) -> None:
+        self.vm = vm
+        self.layers = vm.language_model.layers
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache: list[Any] | None = None,
+        input_embeddings: mx.array | None = None,
+        *,
+        rope_deltas: Sequence[int] | None = None,
+        position_ids: mx.array | None = None,
+    ) -> mx.array:
+        if cache is None:
+            cache = self.vm.make_cache()
+        return forward(
+            self.vm,
+            inputs,
+            cache,
+            embeddings=input_embeddings,
+            position_ids=position_ids,
+            rope_deltas=rope_deltas,
+        )
+
+
 def prefill(vm: VisionModel, vp: VisionPrompt, cache: list[Any], *, chunk: int = 512) -> mx.array:
     """Read the prompt's tokens `vp.start:` into `cache` (which holds the first `vp.start`)
     in chunks; returns the last position's logits, shape (1, vocab)."""
