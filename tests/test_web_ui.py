@@ -52,8 +52,8 @@ TOOLS_JSON = (
 LONG = "word " * 20_000
 SCRIPTS = [
     Script(when="THANKS", text="You are welcome."),
-    Script(when="WEATHER", text=TOOL_CALL, chunk="char"),
     Script(when="STOP ME", text=LONG),
+    Script(when="WEATHER", text=TOOL_CALL, chunk="char"),
     Script(text=f"<think>\n{REASONING}\n</think>\n\n{ANSWER}", chunk="char"),
 ]
 
@@ -107,9 +107,11 @@ def key_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
 class Page:
     """A fresh browser context (own storage) on one server, failing on any script error."""
 
-    def __init__(self, browser: Any, server: ServerProcess) -> None:
+    def __init__(self, browser: Any, server: ServerProcess, permissions: list[str]) -> None:
         self.server = server
-        self.context = browser.new_context(viewport={"width": 1000, "height": 800})
+        self.context = browser.new_context(
+            viewport={"width": 1000, "height": 800}, permissions=permissions
+        )
         self.context.set_default_timeout(TIMEOUT_MS)
         self.page = self.context.new_page()
         self.errors: list[str] = []
@@ -141,11 +143,11 @@ class Page:
 
 
 @pytest.fixture
-def page_on(browser: Any) -> Iterator[Callable[[ServerProcess], Page]]:
+def page_on(browser: Any) -> Iterator[Callable[..., Page]]:
     pages: list[Page] = []
 
-    def make(server: ServerProcess) -> Page:
-        pages.append(Page(browser, server))
+    def make(server: ServerProcess, permissions: tuple[str, ...] = ()) -> Page:
+        pages.append(Page(browser, server, list(permissions)))
         return pages[-1]
 
     yield make
@@ -218,7 +220,7 @@ def test_the_page_needs_no_key_but_every_api_call_does(key_server: ServerProcess
 
 
 def test_streams_markdown_code_reasoning_and_figures(
-    server: ServerProcess, page_on: Callable[[ServerProcess], Page]
+    server: ServerProcess, page_on: Callable[..., Page]
 ) -> None:
     expected = api_chat(server, "Hello").json()
     tab = page_on(server)
@@ -240,8 +242,8 @@ def test_streams_markdown_code_reasoning_and_figures(
     answer = page.locator(".msg.assistant .content")
     final = len(answer.text_content() or "")
     lengths = page.evaluate("window.lengths")
-    partial = {n for n in lengths if 0 < n < final}
-    assert len(partial) >= 5, f"the answer did not grow step by step: {sorted(set(lengths))}"
+    # Text appears before the answer ends (the stop test watches a long one grow for longer).
+    assert any(0 < n < final for n in lengths), f"no partial answer shown: {sorted(set(lengths))}"
 
     # Markdown, rendered; the model's HTML shown as text, never run.
     assert answer.locator("h1").inner_text() == "Answer"
@@ -272,6 +274,7 @@ def test_streams_markdown_code_reasoning_and_figures(
     assert stats.get_attribute("data-exact") == "true"
     assert stats.get_attribute("data-tokens") == str(usage["completion_tokens"])
     assert stats.get_attribute("data-finish") == "stop"
+    assert stats.get_attribute("data-rate") == "decode"
     assert float(stats.get_attribute("data-ttft-ms") or 0) > 0
     assert float(stats.get_attribute("data-tps") or 0) > 0
     text = stats.inner_text()
@@ -282,7 +285,7 @@ def test_streams_markdown_code_reasoning_and_figures(
 
 
 def test_tool_calls_are_shown_and_kept_in_the_conversation(
-    server: ServerProcess, page_on: Callable[[ServerProcess], Page]
+    server: ServerProcess, page_on: Callable[..., Page]
 ) -> None:
     tab = page_on(server)
     page = tab.open()
@@ -295,6 +298,8 @@ def test_tool_calls_are_shown_and_kept_in_the_conversation(
     assert body["tools"][0]["function"]["name"] == "get_weather"
     stats = tab.wait_answer()
     assert stats.get_attribute("data-finish") == "tool_calls"
+    # The parser hands the call over whole: its speed is over the whole request.
+    assert stats.get_attribute("data-rate") == "request"
     call = page.locator(".msg.assistant .tool-call")
     assert call.locator(".tool-name").inner_text() == "get_weather"
     assert call.locator(".tool-args").inner_text() == '{\n  "city": "Paris"\n}'
@@ -314,24 +319,23 @@ def test_tool_calls_are_shown_and_kept_in_the_conversation(
 
 
 def test_stop_ends_the_generation_on_the_server(
-    server: ServerProcess, page_on: Callable[[ServerProcess], Page]
+    server: ServerProcess, page_on: Callable[..., Page]
 ) -> None:
     tab = page_on(server)
     page = tab.open()
     before = len(access_lines(server))
     tokens_before = generation_tokens(server)
     tab.send("Please STOP ME when you like")
-    page.wait_for_function(
-        "() => (document.querySelector('.msg.assistant .content')?.textContent.length ?? 0) > 200"
-    )
+    shown = "document.querySelector('.msg.assistant .content')?.textContent.length ?? 0"
+    for size in (100, 200, 400):  # the answer grows on the page while the server generates
+        page.wait_for_function(f"() => ({shown}) > {size}")
+        assert running(server) == 1
     assert page.locator("#stop").is_visible()
-    assert running(server) == 1
     page.click("#stop")
     stats = tab.wait_answer()
     assert stats.get_attribute("data-finish") == "stopped"
     assert "stopped" in stats.inner_text()
-    shown = len(page.locator(".msg.assistant .content").inner_text())
-    assert 200 < shown < len(LONG) - 1000
+    assert 400 < len(page.locator(".msg.assistant .content").inner_text()) < len(LONG) - 1000
 
     wait_until("the server to stop generating", lambda: running(server) == 0)
 
@@ -350,9 +354,7 @@ def test_stop_ends_the_generation_on_the_server(
     assert page.locator(".msg.assistant .content").nth(1).inner_text() == "You are welcome."
 
 
-def test_api_errors_are_shown(
-    server: ServerProcess, page_on: Callable[[ServerProcess], Page]
-) -> None:
+def test_api_errors_are_shown(server: ServerProcess, page_on: Callable[..., Page]) -> None:
     message = api_chat(server, "Hello", temperature=5).json()["error"]["message"]
     tab = page_on(server)
     page = tab.open()
@@ -378,9 +380,7 @@ def test_api_errors_are_shown(
     assert tab.wait_answer(2).get_attribute("data-finish") == "stop"
 
 
-def test_api_key_prompt(
-    key_server: ServerProcess, page_on: Callable[[ServerProcess], Page]
-) -> None:
+def test_api_key_prompt(key_server: ServerProcess, page_on: Callable[..., Page]) -> None:
     tab = page_on(key_server)
     page = tab.open(ready=False)
     dialog = page.locator("#key-dialog")
@@ -410,7 +410,7 @@ def test_api_key_prompt(
 
 
 def test_markdown_renderer_never_makes_markup_from_text(
-    server: ServerProcess, page_on: Callable[[ServerProcess], Page]
+    server: ServerProcess, page_on: Callable[..., Page]
 ) -> None:
     page = page_on(server).open()
     hostile = [
@@ -483,3 +483,82 @@ def test_markdown_renderer_never_makes_markup_from_text(
         "code": 'const a = "unclosed',
         "string": '"unclosed',
     }
+
+
+# -- conveniences ------------------------------------------------------------------------------
+
+
+def test_keyboard_settings_and_new_chat(
+    server: ServerProcess, page_on: Callable[..., Page]
+) -> None:
+    tab = page_on(server)
+    page = tab.open()
+    page.fill("#input", "line one")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("line two")
+    assert page.input_value("#input") == "line one\nline two"
+    assert page.locator(".msg").count() == 0  # Shift+Enter is a new line, not a send
+
+    page.click("#settings-toggle")
+    page.fill("#system", "You are terse.")
+    page.fill("#temperature", "0.3")
+    page.fill("#max-tokens", "7")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.keyboard.press("Enter")  # focus is still in the settings: Enter there sends not
+        page.focus("#input")
+        page.keyboard.press("Enter")
+    body = sent.value.post_data_json
+    assert body["messages"] == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "line one\nline two"},
+    ]
+    assert body["temperature"] == 0.3 and body["max_tokens"] == 7
+    assert page.locator(".msg.user").count() == 1
+    assert page.locator(".msg.user").inner_text() == "line one\nline two"
+    stats = tab.wait_answer()
+    assert stats.get_attribute("data-finish") == "length"
+    assert stats.get_attribute("data-tokens") == "7"
+    assert "cut at the token limit" in stats.inner_text()
+
+    # Settings and the model choice outlive a reload; the conversation does not.
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]", state="attached")
+    assert page.input_value("#system") == "You are terse."
+    assert page.input_value("#temperature") == "0.3"
+    assert page.input_value("#max-tokens") == "7"
+    assert page.input_value("#model") == "scripted-qwen3"
+    assert page.locator(".msg").count() == 0
+    page.click("#settings-toggle")
+    page.fill("#max-tokens", "")
+
+    # New chat while an answer streams: it stops, and the next request starts afresh.
+    tab.send("STOP ME")
+    page.wait_for_function(
+        "() => (document.querySelector('.msg.assistant .content')?.textContent.length ?? 0) > 50"
+    )
+    page.click("#clear")
+    assert page.locator(".msg").count() == 0 and page.locator("#empty").is_visible()
+    wait_until("the server to stop generating", lambda: running(server) == 0)
+    with page.expect_request("**/v1/chat/completions") as sent:
+        tab.send("THANKS")
+    assert [m["content"] for m in sent.value.post_data_json["messages"]] == [
+        "You are terse.",
+        "THANKS",
+    ]
+    tab.wait_answer()
+    assert page.locator(".msg.assistant .content").inner_text() == "You are welcome."
+    assert page.evaluate("document.activeElement.id") == "input"
+
+
+def test_copy_button_copies_the_code(server: ServerProcess, page_on: Callable[..., Page]) -> None:
+    tab = page_on(server, ("clipboard-read", "clipboard-write"))
+    page = tab.open()
+    tab.send("Hello")
+    tab.wait_answer()
+    button = page.locator(".msg.assistant .code-block .copy")
+    button.click()
+    page.wait_for_function(
+        "() => document.querySelector('.code-block .copy').textContent === 'Copied'"
+    )
+    copied = page.evaluate("navigator.clipboard.readText()")
+    assert copied == "def add(x: int) -> int:\n    # add one\n    return x + 1"

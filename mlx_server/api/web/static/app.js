@@ -276,19 +276,27 @@ class AnswerView {
     const d = this.stats.dataset;
     const exact = answer.usage && typeof answer.usage.completion_tokens === "number";
     const tokens = exact ? answer.usage.completion_tokens : answer.deltas;
-    if (answer.firstAt !== null) {
-      const ttft = answer.firstAt - answer.startedAt;
-      d.ttftMs = ttft.toFixed(1);
+    if (exact || answer.firstAt !== null) {
       d.tokens = String(tokens);
       d.exact = String(Boolean(exact));
       parts.push(`${exact ? "" : "~"}${tokens} tokens`);
-      // Decoding speed: the tokens after the first, over the time since the first arrived.
-      const seconds = (answer.endAt - answer.firstAt) / 1000;
-      if (tokens > 1 && seconds > 0) {
-        const tps = (tokens - 1) / seconds;
+    }
+    if (answer.firstAt !== null) {
+      // Decoding speed: the tokens after the first, over the time since the first arrived. An
+      // answer that came in a few large pieces (a tool call the server parses whole) did most
+      // of its decoding before anything arrived: its speed is taken over the whole request.
+      const streamed = answer.deltas * 2 >= tokens;
+      d.rate = streamed ? "decode" : "request";
+      const since = streamed ? answer.firstAt : answer.startedAt;
+      const seconds = (answer.endAt - since) / 1000;
+      const counted = streamed ? tokens - 1 : tokens;
+      if (counted > 0 && seconds > 0) {
+        const tps = counted / seconds;
         d.tps = tps.toFixed(2);
         parts.push(`${tps.toFixed(1)} tok/s`);
       }
+      const ttft = answer.firstAt - answer.startedAt;
+      d.ttftMs = ttft.toFixed(1);
       parts.push(`TTFT ${(ttft / 1000).toFixed(2)} s`);
     }
     if (answer.usage && typeof answer.usage.prompt_tokens === "number") {
@@ -450,7 +458,8 @@ async function send() {
   saveSettings();
   addUserMessage(text);
   const turn = { role: "user", content: text };
-  state.history.push(turn);
+  const history = state.history; // "New chat" replaces it: this answer then belongs nowhere
+  history.push(turn);
   const view = new AnswerView();
   const answer = newAnswer();
   const controller = new AbortController();
@@ -478,18 +487,15 @@ async function send() {
     setBusy(false);
     view.finish(answer);
   }
-  const produced = answer.content || answer.toolCalls.length;
-  if (answer.error && !produced) {
-    // A failed turn is shown but not sent again as context.
-    state.history.splice(state.history.indexOf(turn), 1);
-  } else if (produced) {
+  if (answer.content || answer.toolCalls.length) {
     const message = { role: "assistant", content: answer.content };
     const calls = answer.toolCalls.filter(Boolean);
     if (calls.length) message.tool_calls = calls;
-    state.history.push(message);
+    history.push(message);
   } else {
-    state.history.splice(state.history.indexOf(turn), 1);
+    history.splice(history.indexOf(turn), 1); // a failed turn is shown, not sent again
   }
+  if (history === state.history) ui.input.focus();
 }
 
 function stop() {
