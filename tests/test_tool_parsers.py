@@ -18,7 +18,8 @@ from mlx_server.messages import (
 )
 from mlx_server.tools.detect import OutputFormat, detect_format
 from mlx_server.tools.output import OutputParser
-from mlx_server.tools.parsers import ToolCall, convert_value, make_parser, scan_json
+from mlx_server.tools.parsers import ToolCall, convert_value, deepseek, make_parser, scan_json
+from mlx_server.tools.parsers.harmony import HarmonyParser
 from mlx_server.tools.reasoning import ThinkSplitter
 
 TOOLS = [
@@ -141,6 +142,89 @@ CASES = {
         ),
         ("[TOOL_CALLS] not json at all", ["[TOOL_CALLS] not json at all"]),
         ("Text [TOOL", ["Text [TOOL"]),
+    ],
+    "glm": [
+        (  # GLM-4.5: newlines between the parts; a typed integer and an object
+            "Checking.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>"
+            "\n<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n<arg_key>where</arg_key>\n"
+            '<arg_value>{"lat": 1.5}</arg_value>\n</tool_call>',
+            ["Checking.\n", call("get_weather", city="Paris", days=3, where={"lat": 1.5})],
+        ),
+        (  # GLM-4.7: no newlines; two calls; a call without arguments
+            "<tool_call>get_weather<arg_key>city</arg_key><arg_value>42</arg_value></tool_call>"
+            "<tool_call>now</tool_call>",
+            [call("get_weather", city="42"), call("now")],
+        ),
+        ("<tool_call>{not a name}</tool_call>", ["<tool_call>{not a name}</tool_call>"]),
+        ("a <tool", ["a <tool"]),
+    ],
+    "kimi_k2": [
+        (
+            "Sure.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+            '<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|>'
+            "<|tool_call_begin|>functions.now:1<|tool_call_argument_begin|>{}<|tool_call_end|>"
+            "<|tool_calls_section_end|>",
+            ["Sure.", call("get_weather", city="Paris"), call("now")],
+        ),
+        (
+            "<|tool_calls_section_begin|><|tool_call_begin|>broken<|tool_calls_section_end|>",
+            ["<|tool_calls_section_begin|><|tool_call_begin|>broken<|tool_calls_section_end|>"],
+        ),
+    ],
+    "deepseek": [
+        (  # V3.1
+            f"Let me see.{deepseek.CALLS_BEGIN}{deepseek.CALL_BEGIN}get_weather{deepseek.SEP}"
+            f'{{"city": "Paris"}}{deepseek.CALL_END}{deepseek.CALL_BEGIN}now{deepseek.SEP}{{}}'
+            f"{deepseek.CALL_END}{deepseek.CALLS_END}",
+            ["Let me see.", call("get_weather", city="Paris"), call("now")],
+        ),
+        (  # V3 / R1: type, name, fenced JSON
+            f"{deepseek.CALLS_BEGIN}{deepseek.CALL_BEGIN}function{deepseek.SEP}get_weather\n```json\n"
+            f'{{"city": "Rome"}}\n```{deepseek.CALL_END}{deepseek.CALLS_END}',
+            [call("get_weather", city="Rome")],
+        ),
+        (
+            f"{deepseek.CALLS_BEGIN}{deepseek.CALL_BEGIN}x{deepseek.CALL_END}{deepseek.CALLS_END}",
+            [
+                f"{deepseek.CALLS_BEGIN}{deepseek.CALL_BEGIN}x{deepseek.CALL_END}{deepseek.CALLS_END}"
+            ],
+        ),
+    ],
+    "gemma4": [
+        (
+            'Ok.<|tool_call>call:get_weather{city:<|"|>Paris, FR<|"|>,days:3}<tool_call|>',
+            ["Ok.", call("get_weather", city="Paris, FR", days=3)],
+        ),
+        ("<|tool_call>nonsense<tool_call|>", ["<|tool_call>nonsense<tool_call|>"]),
+    ],
+    "function_gemma": [
+        (
+            "<start_function_call>call:get_weather{city:<escape>Paris<escape>,days:3}"
+            "<end_function_call>",
+            [call("get_weather", city="Paris", days=3)],
+        ),
+    ],
+    "pythonic": [
+        (  # Llama 3.2 / 4: the answer is a list of calls
+            '[get_weather(city="Paris", days=3), now()]',
+            [call("get_weather", city="Paris", days=3), call("now")],
+        ),
+        (
+            ' [get_weather(city="a]b(", where={"lat": 1.5})]',
+            [call("get_weather", city="a]b(", where={"lat": 1.5})],
+        ),
+        (  # LFM2's markers, Gemma 3's fenced tool_code block
+            "<|tool_call_start|>[get_weather(city='Rome')]<|tool_call_end|>Done.",
+            [call("get_weather", city="Rome"), "Done."],
+        ),
+        (
+            'Let me look.\n```tool_code\nget_weather(city="Oslo")\n```',
+            ["Let me look.\n", call("get_weather", city="Oslo")],
+        ),
+        ("[1, 2, 3] are numbers", ["[1, 2, 3] are numbers"]),
+        ("[Note] read this", ["[Note] read this"]),
+        ("See [f(x=1)] later", ["See [f(x=1)] later"]),  # not at the start: text
+        ("[f(x=open('a'))]", ["[f(x=open('a'))]"]),  # not a literal: never evaluated
     ],
 }
 
@@ -295,3 +379,136 @@ def test_tools_package_is_pure() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- Harmony (gpt-oss)
+
+HARMONY = (
+    "<|channel|>analysis<|message|>The user wants weather. <|end|>"
+    "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
+    '<|message|>{"city": "Paris"}'
+)
+
+
+def harmony(text: str, chunk: int) -> list[object]:
+    parser = HarmonyParser()
+    out: list[object] = []
+    for i in range(0, len(text), chunk):
+        out.extend(parser.feed(text[i : i + chunk]))
+    out.extend(parser.finish())
+    merged: list[object] = []
+    for part in out:
+        if (
+            isinstance(part, tuple)
+            and merged
+            and isinstance(merged[-1], tuple)
+            and merged[-1][0] == part[0]
+        ):
+            merged[-1] = (part[0], merged[-1][1] + part[1])
+        else:
+            merged.append(part)
+    return merged
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_harmony_channels_and_calls(chunk: int) -> None:
+    # Reasoning, then a call in the commentary channel (generation stops at <|call|>).
+    assert harmony(HARMONY, chunk) == [
+        ("reasoning", "The user wants weather. "),
+        call("get_weather", city="Paris"),
+    ]
+    # Reasoning then the final answer (<|return|> ends the generation, never shown).
+    text = (
+        "<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final"
+        "<|message|>Paris is the capital.<|return|>"
+    )
+    assert harmony(text, chunk) == [("reasoning", "Easy."), ("content", "Paris is the capital.")]
+    # The recipient before the channel; a preamble in commentary is text.
+    text = (
+        "<|channel|>commentary<|message|>Looking it up.<|end|>"
+        "<|start|>assistant to=functions.now<|channel|>commentary json<|message|>{}<|call|>"
+    )
+    assert harmony(text, chunk) == [("content", "Looking it up."), call("now")]
+    # No markup at all: plain content; a malformed call body is shown as text.
+    assert harmony("Just text <not markup>", chunk) == [("content", "Just text <not markup>")]
+    text = "<|channel|>commentary to=functions.f<|message|>{oops"
+    assert harmony(text, chunk) == [("content", "{oops")]
+
+
+def test_harmony_holds_back_only_what_may_be_markup() -> None:
+    parser = HarmonyParser()
+    assert parser.feed("<|channel|>final<|message|>Hello <|") == [("content", "Hello ")]
+    assert parser.feed("en") == []
+    assert parser.feed("d|>") == []
+    assert parser.feed("<|start|>assistant<|channel|>final<|message|>more") == [("content", "more")]
+
+
+def collect(parser: OutputParser, text: str, chunk: int) -> list[StreamEvent]:
+    events: list[StreamEvent] = []
+    for i in range(0, len(text), chunk):
+        events.extend(parser.feed(text[i : i + chunk]))
+    return events + parser.finish()
+
+
+def test_harmony_through_the_output_parser() -> None:
+    fmt = detect_format("gpt_oss", "{{ '<|channel|>' }}")
+    assert fmt.harmony and fmt.reasoning and "<|channel|>" in fmt.markers
+    spec = OutputSpec(reasoning="split", tools_json=json.dumps(TOOLS))
+    events = collect(OutputParser(fmt, spec), HARMONY, 3)
+    reasoning = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
+    assert reasoning == "The user wants weather. "
+    assert not [e for e in events if isinstance(e, TextDelta)]
+    starts = [e for e in events if isinstance(e, ToolCallStart)]
+    args = [e for e in events if isinstance(e, ToolCallArgsDelta)]
+    assert [s.name for s in starts] == ["get_weather"]
+    assert json.loads(args[0].arguments) == {"city": "Paris"}
+    # Forced calls prefill the commentary header; the rest is the arguments.
+    prefill = fmt.forced_prefill("get_weather")
+    parser = OutputParser(fmt, OutputSpec(reasoning="split", tools_json="[]", prefill=prefill))
+    events = parser.feed('{"city": "Oslo"}') + parser.finish()
+    assert [type(e) for e in events] == [ToolCallStart, ToolCallArgsDelta]
+
+
+@pytest.mark.parametrize(
+    ("family", "name"),
+    [
+        ("glm", "get_weather"),
+        ("kimi_k2", "get_weather"),
+        ("deepseek", "get_weather"),
+        ("gemma4", "get_weather"),
+        ("function_gemma", "get_weather"),
+        ("pythonic", "get_weather"),
+    ],
+)
+def test_forced_prefill_starts_a_call_the_parser_completes(family: str, name: str) -> None:
+    fmt = OutputFormat(family, False)
+    rest = {
+        "glm": "<arg_key>city</arg_key><arg_value>Paris</arg_value></tool_call>",
+        "kimi_k2": '{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>',
+        "deepseek": f'{{"city": "Paris"}}{deepseek.CALL_END}{deepseek.CALLS_END}',
+        "gemma4": '{city:<|"|>Paris<|"|>}<tool_call|>',
+        "function_gemma": "{city:<escape>Paris<escape>}<end_function_call>",
+        "pythonic": 'city="Paris")]',
+    }[family]
+    assert run(family, fmt.forced_prefill(name) + rest, 1) == [call(name, city="Paris")]
+
+
+def test_detect_new_families() -> None:
+    def family(model_type: str | None, template: str | None) -> str:
+        return detect_format(model_type, template).tool_family
+
+    tools = "{% for tool in tools %}{{ tool | tojson }}{% endfor %}"
+    assert family("glm4_moe", tools + "<tool_call>{{ name }}<arg_key>k</arg_key>") == "glm"
+    assert family("kimi_k2", tools + "<|tool_calls_section_begin|>") == "kimi_k2"
+    assert family("deepseek_v3", tools + deepseek.CALLS_BEGIN) == "deepseek"
+    assert family("gemma4", tools + "<|tool_call>") == "gemma4"
+    assert family(None, tools + "<start_function_call>") == "function_gemma"
+    assert family("llama4", tools + "<|python_start|>") == "pythonic"
+    assert family("lfm2", tools + "<|tool_call_start|>") == "pythonic"
+    assert family("llama", tools + "<|start_header_id|>[func_name1(params_name1=") == "pythonic"
+    assert family("gpt_oss", None) == "harmony"
+    # Markup unknown but the template renders tools: the model type decides.
+    assert family("glm4_moe", tools) == "glm"
+    # The template ignores tools (Gemma 3, SmolLM2): the generic tool prompt, Hermes format.
+    assert family("gemma3_text", "{{ messages }}") == "hermes"
+    assert detect_format("deepseek_v3", tools + "<think>").reasoning

@@ -2,7 +2,9 @@
 
 `OutputParser` chains the `<think>` splitter (reasoning never reaches the tool parser or the
 answer) and the model family's tool parser, and speaks the server's `StreamEvent` vocabulary:
-`ReasoningDelta`, `TextDelta`, then per call `ToolCallStart` and `ToolCallArgsDelta`. A call's
+`ReasoningDelta`, `TextDelta`, then per call `ToolCallStart` and `ToolCallArgsDelta`.
+gpt-oss's Harmony channels carry reasoning, answer and calls at once: one `HarmonyParser`
+does both jobs. A call's
 name is sent once its markup is complete and parses (so malformed markup can still become
 text), and its arguments right after. Pure code, fed by the per-request stream actor.
 """
@@ -24,6 +26,7 @@ from ..messages import (
 )
 from .detect import OutputFormat
 from .parsers import ToolCall, ToolParser, make_parser
+from .parsers.harmony import HarmonyParser
 from .reasoning import ThinkSplitter
 
 
@@ -41,7 +44,10 @@ class OutputParser:
             inside = prompt_tail.rstrip().endswith("<think>")
             self._think = ThinkSplitter(inside=inside)
         self._tools: ToolParser | None = None
-        if spec.tools_json is not None:
+        self._harmony = HarmonyParser() if fmt.harmony else None
+        if self._harmony is not None:
+            self._think = None
+        elif spec.tools_json is not None:
             tools: Any = json.loads(spec.tools_json)
             self._tools = make_parser(fmt.tool_family, tools if isinstance(tools, list) else [])
         self.tool_calls = 0
@@ -52,15 +58,19 @@ class OutputParser:
 
     @property
     def active(self) -> bool:
-        return self._think is not None or self._tools is not None
+        return self._think is not None or self._tools is not None or self._harmony is not None
 
     def feed(self, text: str) -> list[StreamEvent]:
         if not text:
             return []
+        if self._harmony is not None:
+            return self._harmony_events(self._harmony.feed(text))
         parts = self._think.feed(text) if self._think is not None else [("content", text)]
         return self._events(parts, final=False)
 
     def finish(self) -> list[StreamEvent]:
+        if self._harmony is not None:
+            return self._harmony_events(self._harmony.finish())
         parts = self._think.finish() if self._think is not None else []
         return self._events(parts, final=True)
 
@@ -77,6 +87,19 @@ class OutputParser:
                 out.extend(self._pieces(self._tools.feed(text)))
         if final and self._tools is not None:
             out.extend(self._pieces(self._tools.finish()))
+        return out
+
+    def _harmony_events(self, parts: Sequence[Any]) -> list[StreamEvent]:
+        out: list[StreamEvent] = []
+        for part in parts:
+            if isinstance(part, ToolCall):
+                if self._spec.tools_json is not None:
+                    out.extend(self._pieces([part]))
+            elif part[0] == "reasoning":
+                if self._spec.reasoning == "split":
+                    out.append(ReasoningDelta(text=part[1]))
+            elif part[1]:
+                out.append(TextDelta(text=part[1]))
         return out
 
     def _pieces(self, pieces: list[str | ToolCall]) -> list[StreamEvent]:

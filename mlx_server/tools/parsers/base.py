@@ -1,27 +1,15 @@
-"""Incremental tool-call parsers, one per model family's markup.
+"""The incremental machinery every tool-call parser shares, and its helpers.
 
-Each parser is fed generated text in pieces of any size (down to one character) and returns
+A parser is fed generated text in pieces of any size (down to one character) and returns
 `Piece`s: plain text for the client, or a complete `ToolCall`. Text that may be the start of a
 tool call is held back and released as soon as it cannot be one; a call is returned once its
 markup is complete and parses. Markup that turns out malformed is returned as text, never
 raised. Pure code: no MLX, trio or quart.
-
-Families (`PARSERS`):
-
-- `hermes`: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Qwen2.5, Qwen3, Hermes;
-  the default).
-- `qwen3_coder`: `<tool_call><function=NAME><parameter=P>value</parameter></function></tool_call>`
-  (Qwen3-Coder, qwen3_next); values are converted with the tool's JSON schema types.
-- `llama3`: a JSON object `{"name": ..., "parameters": {...}}` as the whole answer, optionally
-  after `<|python_tag|>`; several calls may be separated by `;`.
-- `mistral`: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`, and the newer
-  `[TOOL_CALLS]NAME[ARGS]{...}`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -243,57 +231,6 @@ class ToolParser:
         return out
 
 
-class HermesParser(ToolParser):
-    name = "hermes"
-    starts = ("<tool_call>",)
-    end = "</tool_call>"
-
-    def _take(self, buf: str, final: bool) -> Take:
-        body_at = len(self.starts[0])
-        end = buf.find(self.end, body_at)
-        if end < 0:
-            if not final:
-                return None
-            return _calls_from_json(buf[body_at:].strip(), "arguments", "parameters"), len(buf)
-        body = buf[body_at:end].strip()
-        return _calls_from_json(body, "arguments", "parameters"), end + len(self.end)
-
-
-_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)
-_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.DOTALL)
-
-
-class Qwen3CoderParser(ToolParser):
-    name = "qwen3_coder"
-    starts = ("<tool_call>", "<function=")
-
-    def _take(self, buf: str, final: bool) -> Take:
-        end_marker = "</tool_call>" if buf.startswith("<tool_call>") else "</function>"
-        end = buf.find(end_marker)
-        if end < 0:
-            if not final:
-                return None
-            return self._parse(buf), len(buf)
-        used = end + len(end_marker)
-        return self._parse(buf[:used]), used
-
-    def _parse(self, markup: str) -> list[ToolCall] | None:
-        calls: list[ToolCall] = []
-        for match in _FUNCTION.finditer(markup):
-            name = match.group(1).strip()
-            schema = self._schemas.get(name, {})
-            props = schema.get("properties") if isinstance(schema, dict) else None
-            args: dict[str, Any] = {}
-            for p in _PARAMETER.finditer(match.group(2)):
-                key = p.group(1).strip()
-                value = p.group(2)
-                value = value.removeprefix("\n").removesuffix("\n")
-                prop = props.get(key) if isinstance(props, dict) else None
-                args[key] = convert_value(value, prop if isinstance(prop, dict) else None)
-            calls.append(ToolCall(name=name, arguments=json.dumps(args, ensure_ascii=False)))
-        return calls or None
-
-
 def _schema_types(schema: dict[str, Any] | None) -> list[str]:
     if not schema:
         return []
@@ -350,90 +287,3 @@ def convert_value(value: str, schema: dict[str, Any] | None) -> Any:
         if kind == "string":
             return value
     return value
-
-
-class Llama3Parser(ToolParser):
-    """Llama 3.x: the answer is a JSON call (or several, `;`-separated), or `<|python_tag|>`
-    then JSON. Only a JSON object at the very beginning (or after a call) can be a call, so
-    JSON in the middle of an answer stays text."""
-
-    name = "llama3"
-    starts = ("<|python_tag|>",)
-    separators = " \t\r\n;"
-
-    def _find_start(self, buf: str) -> int | None:
-        tag = buf.find(self.starts[0])
-        if self._at_beginning():
-            stripped = len(buf) - len(buf.lstrip(self.separators))
-            if stripped < len(buf) and buf[stripped] == "{" and (tag < 0 or stripped < tag):
-                return 0  # leading whitespace belongs to the call
-        return tag if tag >= 0 else None
-
-    def _hold(self, buf: str) -> int:
-        if self._at_beginning() and not buf.strip(self.separators):
-            return len(buf)  # leading whitespace: a call may follow
-        return _held_suffix(buf, self.starts)
-
-    def _take(self, buf: str, final: bool) -> Take:
-        at = len(self.starts[0]) if buf.startswith(self.starts[0]) else 0
-        while at < len(buf) and buf[at] in self.separators:
-            at += 1
-        if at >= len(buf):
-            return (None, len(buf)) if final else None
-        end = scan_json(buf, at)
-        if end is None:
-            return (None, len(buf)) if final else None
-        if end < 0:
-            return None, len(buf) if final else at  # a tag followed by something else
-        return _calls_from_json(buf[at:end], "parameters", "arguments"), end
-
-
-class MistralParser(ToolParser):
-    name = "mistral"
-    starts = ("[TOOL_CALLS]",)
-    _ARGS = "[ARGS]"
-    _CALL_ID = "[CALL_ID]"
-
-    def _take(self, buf: str, final: bool) -> Take:
-        at = len(self.starts[0])
-        while at < len(buf) and buf[at] in " \t\r\n":
-            at += 1
-        if at >= len(buf):
-            return (None, len(buf)) if final else None
-        if buf[at] == "[":  # the JSON array form
-            end = scan_json(buf, at)
-            if end is None or end < 0:
-                return (None, len(buf)) if final else None
-            return _calls_from_json(buf[at:end], "arguments", "parameters"), end
-        args_at = buf.find(self._ARGS, at)
-        if args_at < 0:
-            name_so_far = buf[at:]
-            if final or len(name_so_far) > 256 or any(c in name_so_far for c in " \n{"):
-                return None, len(buf)  # not a name: the markup is text
-            return None
-        name = buf[at:args_at]
-        if self._CALL_ID in name:
-            name = name[: name.index(self._CALL_ID)]
-        name = name.strip()
-        json_at = args_at + len(self._ARGS)
-        end = scan_json(buf, json_at)
-        if end is None:
-            return (None, len(buf)) if final else None
-        if end < 0 or not name:
-            return None, json_at
-        text = _arguments_text(buf[json_at:end])
-        if text is None:
-            return None, end
-        return [ToolCall(name=name, arguments=text)], end
-
-
-PARSERS: dict[str, type[ToolParser]] = {
-    "hermes": HermesParser,
-    "qwen3_coder": Qwen3CoderParser,
-    "llama3": Llama3Parser,
-    "mistral": MistralParser,
-}
-
-
-def make_parser(family: str, tools: Sequence[dict[str, Any]] | None = None) -> ToolParser:
-    return PARSERS.get(family, HermesParser)(tools)
