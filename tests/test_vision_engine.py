@@ -242,6 +242,23 @@ def test_count_prompt_tokens_agrees_with_the_processor(
     assert vision.count_prompt_tokens(vm, prompt, sizes) == len(vp.input_ids)
 
 
+def test_max_image_pixels_bounds_image_tokens(tmp_path: Path) -> None:
+    """A server-side pixel bound scales big images down before the encoder: fewer tokens,
+    counted consistently, and still mlx-vlm's own output for the bounded processor."""
+    path = tmp_path / "vlm"
+    build_tiny_vlm(path, "qwen2_5_vl")
+    full = vision.load_vision_model(path)
+    small = vision.load_vision_model(path, max_image_pixels=56 * 56)
+    big = _picture(400, 400, 3)
+    assert vision.count_image_tokens(full, 400, 400) == 16
+    assert vision.count_image_tokens(small, 400, 400) == 4
+    prompt = _prompt(small, "Big picture.", 1)
+    vp = vision.prepare_vision_prompt(small, prompt, [big])
+    assert vp.image_tokens == 4
+    assert vision.count_prompt_tokens(small, prompt, [(400, 400)]) == len(vp.input_ids)
+    assert vision.generate_greedy(small, vp, MAX_TOKENS) == _mlx_vlm_greedy(small, prompt, [big])
+
+
 def test_placeholder_count_must_match_images(vm: vision.VisionModel) -> None:
     with pytest.raises(InvalidRequest) as info:
         vision.prepare_vision_prompt(vm, _prompt(vm, "Two?", 2), [RED_SQUARE])

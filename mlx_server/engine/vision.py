@@ -102,8 +102,12 @@ class VisionModel:
         return [KVCache() for _ in range(self.num_layers)]
 
 
-def load_vision_model(model_dir: Path) -> VisionModel:
-    """Load a local mlx-vlm checkpoint directory (nothing is fetched from the hub)."""
+def load_vision_model(model_dir: Path, *, max_image_pixels: int | None = None) -> VisionModel:
+    """Load a local mlx-vlm checkpoint directory (nothing is fetched from the hub).
+
+    `max_image_pixels` lowers the processor's resizing bound (Qwen2.5-VL's own is 12.8
+    megapixels, ~16k image tokens): images larger than that are scaled down before the encoder,
+    which bounds every image's token count (`count_image_tokens` follows it)."""
     try:
         config = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -118,7 +122,12 @@ def load_vision_model(model_dir: Path) -> VisionModel:
             f"vision model type {model_type!r} is not supported yet "
             f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})"
         )
-    model, processor = load(str(model_dir))
+    try:
+        model, processor = load(str(model_dir))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"cannot load vision model {model_dir}: {e}") from e
+    if max_image_pixels is not None:
+        _bound_pixels(processor.image_processor, max_image_pixels)
     image_token_id: Any = getattr(model.config, "image_token_id", None)
     if image_token_id is None:
         image_token_id = getattr(model.config, "image_token_index", None)
@@ -415,6 +424,19 @@ def generate_greedy(
             break
         logits = decode_step(vm, [token], cache, [vp.rope_delta])
     return out
+
+
+def _bound_pixels(image_processor: Any, max_pixels: int) -> None:
+    current = getattr(image_processor, "max_pixels", None)
+    if current is None:
+        raise ModelLoadError(
+            f"{type(image_processor).__name__} has a fixed image size; max_image_pixels "
+            "does not apply"
+        )
+    image_processor.max_pixels = min(int(current), max_pixels)
+    minimum = getattr(image_processor, "min_pixels", None)
+    if minimum is not None and minimum > image_processor.max_pixels:
+        image_processor.min_pixels = image_processor.max_pixels
 
 
 def _ints(a: mx.array) -> list[int]:
