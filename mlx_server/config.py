@@ -44,6 +44,7 @@ class Settings:
     max_queue: int = 256
     prefill_chunk: int = 512
     prompt_cache_bytes: int = 1 << 30
+    responses_store_bytes: int = 64 << 20
     served_model_name: str | None = None
     cpu_dequantize: str = "auto"
     shutdown_grace: float = 10.0
@@ -300,6 +301,14 @@ _OPTIONS: tuple[_Option, ...] = (
         "512M, 2G, 1GiB; 0 disables it.",
         "SIZE",
         "1GiB",
+    ),
+    _Option(
+        "responses_store_bytes",
+        _size,
+        "Memory for stored Responses API responses (store: true, previous_response_id), "
+        "least recently used evicted first: bytes or a binary suffix; 0 stores nothing.",
+        "SIZE",
+        "64MiB",
     ),
     _Option(
         "served_model_name",

@@ -15,6 +15,7 @@ from .errors import install_error_handlers
 from .metrics import install_metrics
 from .openai import routes as openai_routes
 from .outcome import install_outcomes
+from .responses import routes as responses_routes
 from .state import ServerState, install_model_pins, models, state
 
 
@@ -34,6 +35,7 @@ def create_app(settings: Settings, server_state: ServerState) -> QuartTrio:
     install_outcomes(app, recorder)
     app.register_blueprint(openai_routes.bp)
     app.register_blueprint(anthropic_routes.bp)
+    responses_routes.install(app, settings)
     app.register_blueprint(web.bp)  # the chat page at / (no key needed; its /v1 calls need one)
     install_error_handlers(app)
     install_metrics(app, server_state)  # /metrics, open like /health

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import attrs
@@ -82,6 +82,8 @@ class ResponseWriter:
     response_id: str
     base: Mapping[str, Any]
     tools: Mapping[str, ToolRef] = attrs.field(factory=dict)
+    # Set when the client asked for `reasoning.encrypted_content`: seals a reasoning text.
+    encrypt: Callable[[str], str] | None = None
     created_at: int = attrs.field(factory=lambda: int(time.time()))
     output: list[dict[str, Any]] = attrs.field(factory=list)
     _sequence: int = 0
@@ -303,6 +305,8 @@ class ResponseWriter:
             }
             if not empty:
                 body["content"] = [{"type": "reasoning_text", "text": text}]
+                if self.encrypt is not None:
+                    body["encrypted_content"] = self.encrypt(text)
             return body
         if item.kind == "function_call":
             body = {
