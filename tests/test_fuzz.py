@@ -46,7 +46,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from mlx_server.api.app import create_app
-from mlx_server.api.openapi_doc import openapi_document
+from mlx_server.api.openapi import openapi_document
 from mlx_server.api.state import ServerState
 from mlx_server.config import Settings
 from mlx_server.testing.server import ServerProcess, run_server

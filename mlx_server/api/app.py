@@ -7,12 +7,13 @@ from quart_trio import QuartTrio
 
 from ..config import Settings
 from ..replay.record import TraceRecorder
-from . import openapi_doc, web
+from . import openapi, web
 from .access import install_access_control
 from .anthropic import routes as anthropic_routes
 from .cors import install_cors
 from .errors import install_error_handlers
 from .metrics import install_metrics
+from .ollama import routes as ollama_routes
 from .openai import routes as openai_routes
 from .outcome import install_outcomes
 from .responses import routes as responses_routes
@@ -35,11 +36,12 @@ def create_app(settings: Settings, server_state: ServerState) -> QuartTrio:
     install_outcomes(app, recorder)
     app.register_blueprint(openai_routes.bp)
     app.register_blueprint(anthropic_routes.bp)
+    app.register_blueprint(ollama_routes.bp)  # Ollama's API under /api
     responses_routes.install(app, settings)
     app.register_blueprint(web.bp)  # the chat page at / (no key needed; its /v1 calls need one)
     install_error_handlers(app)
     install_metrics(app, server_state)  # /metrics, open like /health
-    openapi_doc.install_openapi(app, settings)  # /openapi.json, open like /health
+    openapi.install_openapi(app, settings)  # /openapi.json, open like /health
     install_cors(app, settings.cors_origins)  # before access control: preflights need no key
     install_access_control(app, settings)
     _require_a_model(app)

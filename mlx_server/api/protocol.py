@@ -45,18 +45,22 @@ def _integral(value: Any) -> Any:
     return value
 
 
-Int = Annotated[int, BeforeValidator(_integral)]
+INTEGRAL = BeforeValidator(_integral)
+Int = Annotated[int, INTEGRAL]
 Number = Annotated[float, Field(allow_inf_nan=False)]
-TokenId = Annotated[Int, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0, json_schema_extra={"x-token-id": True}), INTEGRAL]
 
 
 def _stop(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+MAX_STOP = 4
 # OpenAI: up to 4 stop sequences, one string or a list.
+_StopList = Annotated[list[str], Field(max_length=MAX_STOP)]
 Stop = Annotated[
-    list[str] | None, BeforeValidator(_stop), Field(max_length=4, json_schema_extra=None)
+    _StopList | None,
+    BeforeValidator(_stop, json_schema_input_type=str | _StopList | None),  # pyright: ignore[reportOperatorIssue]
 ]
 
 
@@ -190,3 +194,10 @@ def describe(param: str, error: ErrorDetails, count: int = 1) -> str:
     if isinstance(value, float) and not math.isfinite(value) and "got" not in text:
         text += f", got {value!r}"
     return text if count == 1 else f"{text} (and {count - 1} more errors)"
+
+
+class Response(pydantic.BaseModel):
+    """A response shape, for the OpenAPI document (renderers write plain dicts of this shape;
+    the fuzz tests check every answer against it). A field with a default may be absent."""
+
+    model_config = ConfigDict(frozen=True)

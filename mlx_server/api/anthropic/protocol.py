@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Discriminator, Field, Tag
 
-from ..protocol import Int, Model, Number, Part
+from ..protocol import INTEGRAL, Model, Number, Part, Response
 
 _GROUPS = {
     "text": "text",
@@ -103,7 +103,7 @@ class Thinking(Part):
     on its own)."""
 
     type: Literal["enabled", "disabled"]
-    budget_tokens: Annotated[Int, Field(ge=1)] | None = None
+    budget_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
 
 
 class Metadata(Part):
@@ -120,10 +120,157 @@ class CountTokensRequest(Model):
 
 
 class MessagesRequest(CountTokensRequest):
-    max_tokens: Annotated[Int, Field(ge=1)]
+    max_tokens: Annotated[int, Field(ge=1), INTEGRAL]
     temperature: Annotated[Number, Field(ge=0, le=1)] | None = None  # Anthropic's range
     top_p: Annotated[Number, Field(ge=0, le=1)] | None = None
-    top_k: Annotated[Int, Field(ge=0)] | None = None
+    top_k: Annotated[int, Field(ge=0), INTEGRAL] | None = None
     stop_sequences: list[str] | None = None
     stream: bool | None = None
     metadata: Metadata | None = None
+
+
+# -- responses --------------------------------------------------------------------------------
+
+StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
+
+
+class AnthropicUsage(Response):
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+
+
+class TextOut(Response):
+    type: Literal["text"]
+    text: str
+
+
+class ThinkingOut(Response):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str
+
+
+class ToolUseOut(Response):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+BlockOut = Annotated[TextOut | ThinkingOut | ToolUseOut, Field(discriminator="type")]
+
+
+class AnthropicMessage(Response):
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[BlockOut]
+    stop_reason: StopReason | None
+    stop_sequence: str | None
+    usage: AnthropicUsage
+
+
+class TokenCount(Response):
+    input_tokens: int
+
+
+class AnthropicErrorDetail(Response):
+    type: Literal[
+        "invalid_request_error",
+        "authentication_error",
+        "permission_error",
+        "not_found_error",
+        "request_too_large",
+        "rate_limit_error",
+        "api_error",
+        "overloaded_error",
+        "timeout_error",
+    ]
+    message: str
+
+
+class AnthropicError(Response):
+    """Anthropic's error shape (also a stream's `error` event)."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+
+
+class MessageStart(Response):
+    type: Literal["message_start"]
+    message: AnthropicMessage
+
+
+class Ping(Response):
+    type: Literal["ping"]
+
+
+class ContentBlockStart(Response):
+    type: Literal["content_block_start"]
+    index: int
+    content_block: BlockOut
+
+
+class TextDeltaOut(Response):
+    type: Literal["text_delta"]
+    text: str
+
+
+class ThinkingDeltaOut(Response):
+    type: Literal["thinking_delta"]
+    thinking: str
+
+
+class SignatureDeltaOut(Response):
+    type: Literal["signature_delta"]
+    signature: str
+
+
+class InputJsonDeltaOut(Response):
+    type: Literal["input_json_delta"]
+    partial_json: str
+
+
+class ContentBlockDelta(Response):
+    type: Literal["content_block_delta"]
+    index: int
+    delta: Annotated[
+        TextDeltaOut | ThinkingDeltaOut | SignatureDeltaOut | InputJsonDeltaOut,
+        Field(discriminator="type"),
+    ]
+
+
+class ContentBlockStop(Response):
+    type: Literal["content_block_stop"]
+    index: int
+
+
+class StopDelta(Response):
+    stop_reason: StopReason | None
+    stop_sequence: str | None
+
+
+class MessageDelta(Response):
+    type: Literal["message_delta"]
+    delta: StopDelta
+    usage: AnthropicUsage
+
+
+class MessageStop(Response):
+    type: Literal["message_stop"]
+
+
+# The events of a stream, by SSE event name.
+STREAM_EVENTS: dict[str, type[Response]] = {
+    "message_start": MessageStart,
+    "ping": Ping,
+    "content_block_start": ContentBlockStart,
+    "content_block_delta": ContentBlockDelta,
+    "content_block_stop": ContentBlockStop,
+    "message_delta": MessageDelta,
+    "message_stop": MessageStop,
+    "error": AnthropicError,
+}

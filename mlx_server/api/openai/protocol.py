@@ -9,13 +9,13 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Discriminator, Field, Tag
 
-from ..protocol import Int, Model, Number, Part, Stop, TokenId
+from ..protocol import INTEGRAL, Model, Number, Part, Response, Stop, TokenId
 
 MAX_N = 16
 MAX_CHOICES = 128  # completions: prompts x n
 MAX_LOGPROBS = 5  # completions
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit
-SEED = Annotated[Int, Field(ge=-(2**63), le=2**63 - 1)]
+SEED = Annotated[int, Field(ge=-(2**63), le=2**63 - 1), INTEGRAL]
 
 
 # -- shared -----------------------------------------------------------------------------------
@@ -65,20 +65,23 @@ class Sampling(Model):
 
     temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
     top_p: Annotated[Number, Field(ge=0, le=1)] | None = None
-    top_k: Annotated[Int, Field(ge=0)] | None = None
+    top_k: Annotated[int, Field(ge=0), INTEGRAL] | None = None
     min_p: Annotated[Number, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[Number, Field(ge=0.01, le=10)] | None = None
     presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
     seed: SEED | None = None
-    logit_bias: dict[str, Annotated[Number, Field(ge=-100, le=100)]] | None = None
+    logit_bias: (
+        dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[Number, Field(ge=-100, le=100)]]
+        | None
+    ) = None
     stop: Stop = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
-    n: Annotated[Int, Field(ge=1, le=MAX_N)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] | None = None
 
 
 # -- chat completions -------------------------------------------------------------------------
@@ -160,10 +163,10 @@ class ChatCompletionRequest(Sampling):
 
     model: str | None = None
     messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
-    max_tokens: Annotated[Int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[Int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20), INTEGRAL] | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -194,9 +197,9 @@ class CompletionRequest(Sampling):
     model: str | None = None
     prompt: Prompt
     suffix: str | None = None
-    best_of: Annotated[Int, Field(ge=1, le=MAX_N)] | None = None
-    max_tokens: Annotated[Int, Field(ge=0)] | None = None
-    logprobs: Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] | None = None
+    max_tokens: Annotated[int, Field(ge=0), INTEGRAL] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
     echo: bool | None = None
 
 
@@ -226,5 +229,172 @@ class EmbeddingRequest(Model):
     model: str | None = None
     input: EmbeddingInput
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[Int, Field(ge=1)] | None = None
+    dimensions: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     user: str | None = None
+
+
+# -- responses --------------------------------------------------------------------------------
+
+
+class PromptTokensDetails(Response):
+    cached_tokens: int
+
+
+class Usage(Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class TopLogprob(Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(Response):
+    content: list[TokenLogprob] | None
+    refusal: list[Any] | None = None
+
+
+class FunctionOut(Response):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(Response):
+    id: str
+    type: Literal["function"]
+    function: FunctionOut
+
+
+class AssistantMessage(Response):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+    reasoning_content: str | None = None
+
+
+class ChatChoice(Response):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None
+    finish_reason: Literal["stop", "length", "tool_calls"]
+
+
+class Envelope(Response):
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+
+
+class ChatCompletion(Envelope):
+    object: Literal["chat.completion"]
+    choices: Annotated[list[ChatChoice], Field(min_length=1)]
+    usage: Usage
+
+
+class ChunkFunction(Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ChunkToolCall(Response):
+    """index, id, type and name first; then fragments of `function.arguments`."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ChunkFunction | None = None
+
+
+class ChunkDelta(Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ChunkToolCall] | None = None
+
+
+class ChunkChoice(Response):
+    index: int
+    delta: ChunkDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
+
+
+class ChatCompletionChunk(Envelope):
+    object: Literal["chat.completion.chunk"]
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(Response):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(Response):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(Envelope):
+    """A whole completion (with usage) or one stream chunk."""
+
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class Embedding(Response):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | Annotated[str, Field(json_schema_extra={"contentEncoding": "base64"})]
+
+
+class EmbeddingUsage(Response):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class Embeddings(Response):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class ModelCard(Response):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(Response):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ErrorDetail(Response):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(Response):
+    """OpenAI's error shape."""
+
+    error: ErrorDetail
