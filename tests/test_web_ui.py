@@ -37,6 +37,7 @@ CHROMIUM_ARGS = [
 ]
 KEY = "s3cret-key"
 TIMEOUT_MS = 30_000
+DEADLINE_S = 4
 
 REASONING = "The user wants **code**."
 ANSWER = (
@@ -101,7 +102,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def key_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    yield from _scripted(tmp_path_factory, "--api-key", KEY)
+    # A short deadline: a long answer ends with the API's in-band error after some text.
+    yield from _scripted(tmp_path_factory, "--api-key", KEY, "--timeout", str(DEADLINE_S))
 
 
 class Page:
@@ -407,6 +409,15 @@ def test_api_key_prompt(key_server: ServerProcess, page_on: Callable[..., Page])
     page.reload()
     page.wait_for_selector("body[data-ready=true]", state="attached")
     assert not dialog.is_visible()
+
+    # An error in the middle of a stream (the server's --timeout): shown under the partial text.
+    tab.send("STOP ME")
+    stats = tab.wait_answer()
+    assert stats.get_attribute("data-finish") == "error"
+    assert page.locator(".msg.assistant .content").inner_text().startswith("word word")
+    error = page.locator(".msg.assistant .error")
+    assert error.is_visible() and "timed out" in error.inner_text()
+    assert stats.get_attribute("data-exact") == "false"  # no usage: counted from the stream
 
 
 def test_markdown_renderer_never_makes_markup_from_text(
