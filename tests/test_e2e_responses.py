@@ -238,3 +238,35 @@ def test_unknown_id_is_404_in_openai_shape(server: ServerProcess) -> None:
         r = httpx.request(method, server.base_url + "/v1/responses/resp_nope", timeout=30)
         assert r.status_code == 404
         assert "resp_nope" in r.json()["error"]["message"]
+
+
+def test_agents_sdk_default_model_tool_loop(server: ServerProcess) -> None:
+    """The OpenAI Agents SDK's default model class (the Responses API) runs a whole tool loop:
+    the model calls `get_weather`, the SDK runs it and sends the result back, the model
+    answers."""
+    import asyncio
+
+    import agents
+
+    agents.set_tracing_disabled(True)  # nothing may leave the machine
+    calls: list[str] = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """Weather for a city."""
+        calls.append(city)
+        return f"sunny in {city}"
+
+    async def main() -> object:
+        async with openai.AsyncOpenAI(
+            base_url=server.base_url + "/v1", api_key="unused", max_retries=0
+        ) as client:
+            model = agents.OpenAIResponsesModel(model="default", openai_client=client)
+            agent = agents.Agent(
+                name="weather", instructions="Help.", tools=[get_weather], model=model
+            )
+            result = await agents.Runner.run(agent, "What is the weather in Paris?")
+            return result.final_output
+
+    assert asyncio.run(main()) == ANSWER
+    assert calls == ["Paris"]
