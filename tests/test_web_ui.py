@@ -21,10 +21,12 @@ from typing import Any
 import httpx
 import pytest
 
+from mlx_server.api.app import create_app
+from mlx_server.api.state import ServerState
+from mlx_server.api.web import CSP, asset_names
+from mlx_server.config import Settings
 from mlx_server.testing.scripted import Script, build_scripted_model, write_scripts
 from mlx_server.testing.server import ServerProcess, run_server
-
-pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -193,6 +195,36 @@ def wait_until(what: str, check: Callable[[], bool], seconds: float = 20.0) -> N
 # -- serving the page --------------------------------------------------------------------------
 
 
+async def test_page_and_assets_in_process() -> None:
+    """The routes, in process (no model): the page and every file it loads are served without
+    the key, with the right types; nothing else is; /v1 keeps asking for the key."""
+    app = create_app(Settings(api_key=KEY), ServerState())
+    client = app.test_client()
+    page = await client.get("/")
+    assert page.status_code == 200 and page.headers["content-security-policy"] == CSP
+    html = await page.get_data(as_text=True)
+    names = set(asset_names())
+    assert names == {"index.html", "app.js", "markdown.js", "highlight.js", "style.css"}
+    linked = set(re.findall(r'(?:src|href)="/ui/([^"]+)"', html))
+    for name in names - {"index.html"}:
+        r = await client.get(f"/ui/{name}")
+        assert r.status_code == 200, name
+        text = await r.get_data(as_text=True)
+        linked |= set(re.findall(r'from "\./([^"]+)"', text))  # module imports
+        assert "content-security-policy" not in r.headers
+        assert r.headers["x-content-type-options"] == "nosniff"
+    assert linked == names - {"index.html"}  # everything the page loads exists, nothing spare
+    for path in ["/ui/missing.js", "/ui/..%2F_routes.py", "/ui/%2e%2e/__init__.py", "/static/x"]:
+        r = await client.get(path)
+        assert r.status_code == 404, path
+        assert (await r.get_json())["error"]["code"] == "not_found"
+    r = await client.get("/v1/models")
+    assert r.status_code == 401
+    r = await client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 503  # past the key: still "loading" (no model in this app)
+
+
+@pytest.mark.slow
 def test_the_page_needs_no_key_but_every_api_call_does(key_server: ServerProcess) -> None:
     base = key_server.base_url
     page = httpx.get(f"{base}/", headers={"Origin": "http://elsewhere.example"}, timeout=10)
@@ -221,6 +253,7 @@ def test_the_page_needs_no_key_but_every_api_call_does(key_server: ServerProcess
 # -- in the browser ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_streams_markdown_code_reasoning_and_figures(
     server: ServerProcess, page_on: Callable[..., Page]
 ) -> None:
@@ -286,6 +319,7 @@ def test_streams_markdown_code_reasoning_and_figures(
     page.screenshot(path=str(server.log_path.parent / "answer.png"))
 
 
+@pytest.mark.slow
 def test_tool_calls_are_shown_and_kept_in_the_conversation(
     server: ServerProcess, page_on: Callable[..., Page]
 ) -> None:
@@ -320,6 +354,7 @@ def test_tool_calls_are_shown_and_kept_in_the_conversation(
     assert page.locator(".msg.assistant .content").nth(1).inner_text() == "You are welcome."
 
 
+@pytest.mark.slow
 def test_stop_ends_the_generation_on_the_server(
     server: ServerProcess, page_on: Callable[..., Page]
 ) -> None:
@@ -356,6 +391,7 @@ def test_stop_ends_the_generation_on_the_server(
     assert page.locator(".msg.assistant .content").nth(1).inner_text() == "You are welcome."
 
 
+@pytest.mark.slow
 def test_api_errors_are_shown(server: ServerProcess, page_on: Callable[..., Page]) -> None:
     message = api_chat(server, "Hello", temperature=5).json()["error"]["message"]
     tab = page_on(server)
@@ -382,6 +418,7 @@ def test_api_errors_are_shown(server: ServerProcess, page_on: Callable[..., Page
     assert tab.wait_answer(2).get_attribute("data-finish") == "stop"
 
 
+@pytest.mark.slow
 def test_api_key_prompt(key_server: ServerProcess, page_on: Callable[..., Page]) -> None:
     tab = page_on(key_server)
     page = tab.open(ready=False)
@@ -420,6 +457,7 @@ def test_api_key_prompt(key_server: ServerProcess, page_on: Callable[..., Page])
     assert stats.get_attribute("data-exact") == "false"  # no usage: counted from the stream
 
 
+@pytest.mark.slow
 def test_markdown_renderer_never_makes_markup_from_text(
     server: ServerProcess, page_on: Callable[..., Page]
 ) -> None:
@@ -499,6 +537,7 @@ def test_markdown_renderer_never_makes_markup_from_text(
 # -- conveniences ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_keyboard_settings_and_new_chat(
     server: ServerProcess, page_on: Callable[..., Page]
 ) -> None:
@@ -561,6 +600,7 @@ def test_keyboard_settings_and_new_chat(
     assert page.evaluate("document.activeElement.id") == "input"
 
 
+@pytest.mark.slow
 def test_copy_button_copies_the_code(server: ServerProcess, page_on: Callable[..., Page]) -> None:
     tab = page_on(server, ("clipboard-read", "clipboard-write"))
     page = tab.open()
