@@ -16,9 +16,8 @@ import pytest
 from PIL import Image
 
 from mlx_server.engine import vision
-from mlx_server.engine.images import decode_image_bytes
+from mlx_server.engine.images import ImageError, decode_image_bytes
 from mlx_server.errors import InvalidRequest, ModelLoadError
-from mlx_server.testing.tiny import build_tiny_model
 from mlx_server.testing.tiny_vlm import TINY_VLM_TYPES, build_tiny_vlm
 
 MAX_TOKENS = 10
@@ -267,12 +266,24 @@ def test_placeholder_count_must_match_images(vm: vision.VisionModel) -> None:
         vision.count_prompt_tokens(vm, _prompt(vm, "None.", 0), [(10, 10)])
 
 
+@pytest.mark.parametrize("size", [(1, 5000), (700, 3)])
+def test_images_the_processor_refuses_are_400s(
+    vm: vision.VisionModel, size: tuple[int, int]
+) -> None:
+    with pytest.raises(ImageError) as info:
+        vision.prepare_vision_prompt(vm, _prompt(vm, "Thin.", 1), [Image.new("RGB", size)])
+    assert info.value.status == 400 and "aspect ratio" in info.value.message
+    with pytest.raises(ImageError):
+        vision.count_image_tokens(vm, *size)
+
+
 def test_checkpoint_detection(tmp_path: Path) -> None:
     vlm_dir = tmp_path / "vlm"
     _, config = build_tiny_vlm(vlm_dir, "qwen2_5_vl")
     assert vision.is_vision_config(config) and vision.is_vision_checkpoint(vlm_dir)
-    text_dir = tmp_path / "text"
-    build_tiny_model(text_dir, "qwen2")
+    text_dir = tmp_path / "text"  # a text model's config: no vision_config
+    text_dir.mkdir()
+    (text_dir / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 64}))
     assert not vision.is_vision_checkpoint(text_dir)
     assert not vision.is_vision_config({"model_type": "qwen2_5_vl"})
     assert not vision.is_vision_config({"model_type": "../x", "vision_config": {}})

@@ -30,7 +30,7 @@ import attrs
 import mlx.core as mx
 
 from ..errors import InvalidRequest, ModelLoadError
-from .images import DecodedImage
+from .images import DecodedImage, ImageError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -208,13 +208,17 @@ def prepare_vision_prompt(
             f"the prompt has {found} image placeholder(s) for {len(pictures)} image(s)",
             code="image_count_mismatch",
         )
-    inputs = prepare_inputs(
-        vm.processor,
-        images=pictures or None,
-        prompts=prompt,
-        image_token_index=vm.image_token_id,
-        add_special_tokens=should_add_special_tokens(vm.model_type, vm.processor),
-    )
+    try:
+        inputs = prepare_inputs(
+            vm.processor,
+            images=pictures or None,
+            prompts=prompt,
+            image_token_index=vm.image_token_id,
+            add_special_tokens=should_add_special_tokens(vm.model_type, vm.processor),
+        )
+    except ValueError as e:
+        # The processor's own refusals (Qwen: an aspect ratio over 200:1) are the client's.
+        raise _unprocessable(e) from None
     input_ids: Any = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     extra = {
@@ -286,7 +290,10 @@ def count_image_tokens(vm: VisionModel, width: int, height: int) -> int:
     """How many tokens one width x height image becomes (the processor's sizing, no pixels)."""
     from mlx_vlm.utils import estimate_num_image_tokens
 
-    return estimate_num_image_tokens(vm.processor, height, width)
+    try:
+        return estimate_num_image_tokens(vm.processor, height, width)
+    except ValueError as e:
+        raise _unprocessable(e) from None
 
 
 def count_prompt_tokens(vm: VisionModel, prompt: str, sizes: Sequence[tuple[int, int]]) -> int:
@@ -424,6 +431,13 @@ def generate_greedy(
             break
         logits = decode_step(vm, [token], cache, [vp.rope_delta])
     return out
+
+
+def _unprocessable(e: ValueError) -> ImageError:
+    reason = str(e).removeprefix("Failed to process inputs with error: ")
+    if len(reason) > 160:
+        reason = reason[:157] + "..."
+    return ImageError(f"image cannot be processed by this model: {reason}", code="invalid_image")
 
 
 def _bound_pixels(image_processor: Any, max_pixels: int) -> None:

@@ -3,13 +3,14 @@
 The layout is a real Hugging Face VLM checkpoint (config.json with a `vision_config`,
 model.safetensors, tokenizer.json + tokenizer_config.json with a chat template that places image
 parts, preprocessor_config.json, processor_config.json, video_preprocessor_config.json), written
-entirely from local data so `mlx_vlm.load` never needs the hub. The tokenizer is the default
-model's (SmolLM2, as in `tiny.py`) with the Qwen-VL vision tokens added after its vocabulary.
+entirely from local data so `mlx_vlm.load` never needs the hub. The tokenizer is built here too:
+byte-level BPE over the 256 bytes (no merges) plus ChatML's and Qwen-VL's special tokens, so a
+tiny VLM reads nothing but this repository (the default model's files stay unopened).
 
-Families: Qwen2.5-VL (`qwen2_5_vl`, the most used small VLM family; its successors Qwen3-VL and
-Qwen3.5 keep the same prompt format, processor and multimodal RoPE) and Qwen2-VL (`qwen2_vl`).
-Weights are scaled up so greedy choices are far from ties; images are kept small by the
-processor's `max_pixels` (a 56x56 picture is 4 image tokens, 112x112 is 16).
+Families: Qwen2.5-VL (`qwen2_5_vl`, the most used small VLM family), Qwen2-VL (`qwen2_vl`) and
+Qwen3-VL (`qwen3_vl`: nested text config, 16-pixel patches, deepstack features). Weights are
+scaled up so greedy choices are far from ties; images are kept small by the processor's
+`max_pixels` (at most 8 x 8 patches: 16 image tokens).
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
-from tokenizers import AddedToken
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
-
-from .tiny import default_tokenizer
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
@@ -116,11 +115,18 @@ _ARCHITECTURES = {
 }
 
 
+CHAT_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
 def vision_tokenizer() -> HFTokenizer:
-    """The default model's tokenizer with the Qwen-VL vision tokens added (a fresh copy)."""
-    backend = HFTokenizer.from_str(default_tokenizer().backend.to_str())
+    """Byte-level BPE without merges (one token per byte, any text encodes) plus the chat and
+    vision special tokens after the 256 byte tokens."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in VISION_TOKENS]
+        [AddedToken(t, special=True, normalized=False) for t in (*CHAT_TOKENS, *VISION_TOKENS)]
     )
     return backend
 
@@ -210,7 +216,7 @@ def _write_processor(
             "single_word": False,
             "special": True,
         }
-        for t in VISION_TOKENS
+        for t in (*CHAT_TOKENS, *VISION_TOKENS)
     }
     _write_json(
         out_dir / "tokenizer_config.json",
