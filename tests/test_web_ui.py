@@ -581,10 +581,20 @@ def test_keyboard_settings_and_new_chat(
     page.click("#settings-toggle")
     page.fill("#max-tokens", "")
 
-    # New chat while an answer streams: it stops, and the next request starts afresh.
+    # Escape stops an answer.
     tab.send("STOP ME")
     page.wait_for_function(
         "() => (document.querySelector('.msg.assistant .content')?.textContent.length ?? 0) > 50"
+    )
+    page.keyboard.press("Escape")
+    assert tab.wait_answer().get_attribute("data-finish") == "stopped"
+    wait_until("the server to stop generating", lambda: running(server) == 0)
+
+    # New chat while an answer streams: it stops, and the next request starts afresh.
+    tab.send("STOP ME")
+    page.wait_for_function(
+        "() => (document.querySelectorAll('.msg.assistant .content')[1]?.textContent.length ?? 0)"
+        " > 50"
     )
     page.click("#clear")
     assert page.locator(".msg").count() == 0 and page.locator("#empty").is_visible()
@@ -594,7 +604,7 @@ def test_keyboard_settings_and_new_chat(
     assert [m["content"] for m in sent.value.post_data_json["messages"]] == [
         "You are terse.",
         "THANKS",
-    ]
+    ]  # nothing from before New chat
     tab.wait_answer()
     assert page.locator(".msg.assistant .content").inner_text() == "You are welcome."
     assert page.evaluate("document.activeElement.id") == "input"

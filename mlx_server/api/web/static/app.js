@@ -563,6 +563,12 @@ ui.input.addEventListener("keydown", (event) => {
   }
 });
 ui.input.addEventListener("input", autosize);
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && state.controller && !ui.keyDialog.open) {
+    event.preventDefault();
+    stop();
+  }
+});
 ui.stop.addEventListener("click", stop);
 ui.clear.addEventListener("click", clearConversation);
 ui.model.addEventListener("change", saveSettings);
