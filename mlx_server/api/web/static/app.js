@@ -224,12 +224,10 @@ class AnswerView {
       this.reasoning.hidden = false;
       renderMarkdown(this.reasoningBody, answer.reasoning);
       const answering = Boolean(answer.content || answer.toolCalls.length);
-      if (answering || answer.done) {
-        this.reasoningSummary.textContent = "Reasoning";
-        if (!this.userToggled && this.reasoning.open && !this.closedOnce) {
-          this.reasoning.open = false; // collapse once the answer itself begins
-          this.closedOnce = true;
-        }
+      if (answering || answer.done) this.reasoningSummary.textContent = "Reasoning";
+      if (answering && !this.userToggled && !this.closedOnce) {
+        this.reasoning.open = false; // collapse once the answer itself begins
+        this.closedOnce = true;
       }
     }
     renderMarkdown(this.content, answer.content);
