@@ -28,3 +28,8 @@ typecheck:
 # Benchmarks: our server vs mlx_lm.server vs mlx-lm without HTTP (try: just bench --tiny --quick)
 bench *ARGS:
     uv run python -m bench.load {{ARGS}}
+
+# Client-compatibility tier: real Codex CLI and Claude Code (pinned, from npm) vs a scripted model
+clients:
+    npm install --prefix .clients --no-audit --no-fund @openai/codex@0.171.0 @anthropic-ai/claude-code@2.1.332
+    uv run pytest -m clients tests/test_agent_clients.py
