@@ -8,6 +8,7 @@ data, and the tuples inside them are immutable so a message can cross threads sa
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -167,6 +168,23 @@ class OutputSpec:
     reasoning: Literal["split", "drop", "off"] = "split"
     prefill: str = ""
     max_calls: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Deadline:
+    """When a request must be done, on the trio clock (`at`; inf: never), and the timeout it
+    came from. One object from the request's arrival to its last event: waiting for a model to
+    load, queueing, prefill and decode all spend the same budget."""
+
+    at: float
+    timeout: float
+
+    @classmethod
+    def starting(cls, now: float, timeout: float) -> Deadline:
+        return cls(at=now + timeout if math.isfinite(timeout) else math.inf, timeout=timeout)
+
+    def message(self, what: str = "request") -> str:
+        return f"{what} timed out after {self.timeout:g} s"
 
 
 @attrs.frozen(kw_only=True)

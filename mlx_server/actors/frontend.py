@@ -9,8 +9,6 @@ in a worker thread so a long prompt never stalls the event loop.
 from __future__ import annotations
 
 import functools
-import math
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -26,7 +24,14 @@ from ..errors import (
     RequestTimeout,
     ServiceUnavailable,
 )
-from ..messages import ConstraintSpec, GenerationRequest, OutputSpec, PromptSpec, StreamEvent
+from ..messages import (
+    ConstraintSpec,
+    Deadline,
+    GenerationRequest,
+    OutputSpec,
+    PromptSpec,
+    StreamEvent,
+)
 from ..tools.detect import OutputFormat, detect_format
 from ..tools.output import OutputParser
 from .executor import Job
@@ -44,10 +49,8 @@ class Frontend:
         timeout: float,
         default_max_tokens: int,
         submit_job: Callable[[Job], None] | None = None,
-        model_aliases: tuple[str, ...] = (),
     ) -> None:
         self._loaded = loaded
-        self.model_aliases = model_aliases
         self._submit_job = submit_job
         self._scheduler = scheduler
         self._nursery = nursery
@@ -57,7 +60,6 @@ class Frontend:
         self.streams = 0  # stream actors alive
         self._streams_done = trio.Event()
         self.model_name = loaded.name
-        self.created = int(time.time())
         ctx = loaded.config.get("max_position_embeddings")
         self.context_length: int = int(ctx) if isinstance(ctx, int) and ctx > 0 else 1 << 20
 
@@ -117,8 +119,16 @@ class Frontend:
             return tuple(tok.encode(text))
         return tuple(tok.encode(spec.text or "", add_special_tokens=True))
 
+    def deadline(self) -> Deadline:
+        """A new request's deadline, from now (`--timeout`)."""
+        return Deadline.starting(trio.current_time(), self.timeout)
+
     async def embed(
-        self, inputs: Sequence[tuple[int, ...]], *, dimensions: int | None = None
+        self,
+        inputs: Sequence[tuple[int, ...]],
+        *,
+        dimensions: int | None = None,
+        deadline: Deadline | None = None,
     ) -> list[list[float]]:
         """Embed tokenized inputs with the loaded model (`engine.embeddings` documents the
         pooling); vectors in input order.
@@ -135,7 +145,7 @@ class Frontend:
                 param="dimensions",
             )
         submit = self._submit_job
-        deadline = trio.current_time() + self.timeout if math.isfinite(self.timeout) else math.inf
+        until = deadline or self.deadline()
 
         async def on_executor(fn: Callable[[LoadedModel], Any]) -> Any:
             done = trio.Event()
@@ -146,10 +156,10 @@ class Frontend:
                 done.set()
 
             submit(Job(fn, on_done))
-            with trio.move_on_at(deadline):
+            with trio.move_on_at(until.at):
                 await done.wait()
             if not done.is_set():
-                raise RequestTimeout(f"the embedding timed out after {self.timeout:g} s")
+                raise RequestTimeout(until.message("the embedding"))
             result, error = outcome
             if isinstance(error, EmbeddingsUnsupported):
                 raise InvalidRequest(f"{error}: no embeddings from this model", param="model")
@@ -210,7 +220,10 @@ class Frontend:
                 await self._scheduler.wait_idle()
 
     def start_stream(
-        self, request: GenerationRequest, output: OutputSpec | None = None
+        self,
+        request: GenerationRequest,
+        output: OutputSpec | None = None,
+        deadline: Deadline | None = None,
     ) -> StreamHandle[StreamEvent]:
         """Submit a request and start its stream actor; raises Overloaded (before anything is
         sent to the client) when the server is full.
@@ -219,14 +232,17 @@ class Frontend:
         scope ever spans a response body's yields. Closing the handle (the response ended, or
         the client went away) cancels the actor, whose exit removes the request from the
         executor; a handle nobody closes still ends at the request's hard deadline."""
-        actor = self._actor(request, self._scheduler.submit(request), output)
+        actor = self._actor(request, self._scheduler.submit(request), output, deadline)
         out_send, out_recv = trio.open_memory_channel[StreamEvent](64)
         scope = trio.CancelScope()
         self._nursery.start_soon(self._counted, actor.run, out_send, scope)
         return StreamHandle(out_recv, scope)
 
     def start_streams(
-        self, requests: Sequence[GenerationRequest], output: OutputSpec | None = None
+        self,
+        requests: Sequence[GenerationRequest],
+        output: OutputSpec | None = None,
+        deadline: Deadline | None = None,
     ) -> StreamHandle[tuple[int, StreamEvent]]:
         """Several requests sharing one response (`n` > 1, several prompts): they are queued
         together (all or none: Overloaded aborts the ones already queued), batch together in
@@ -249,6 +265,7 @@ class Frontend:
             out_send,
             scope,
             output,
+            deadline or self.deadline(),
         )
         return StreamHandle(out_recv, scope)
 
@@ -257,7 +274,8 @@ class Frontend:
         members: list[tuple[GenerationRequest, trio.MemoryReceiveChannel[EngineEvent]]],
         out: trio.MemorySendChannel[tuple[int, StreamEvent]],
         scope: trio.CancelScope,
-        output: OutputSpec | None = None,
+        output: OutputSpec | None,
+        deadline: Deadline,
     ) -> None:
         async def forward(index: int, events: trio.MemoryReceiveChannel[StreamEvent]) -> None:
             async with events:
@@ -269,7 +287,9 @@ class Frontend:
                 for index, (request, engine_events) in enumerate(members):
                     send, recv = trio.open_memory_channel[StreamEvent](64)
                     nursery.start_soon(
-                        self._actor(request, engine_events, output).run, send, trio.CancelScope()
+                        self._actor(request, engine_events, output, deadline).run,
+                        send,
+                        trio.CancelScope(),
                     )
                     nursery.start_soon(forward, index, recv)
 
@@ -278,15 +298,14 @@ class Frontend:
         request: GenerationRequest,
         events: trio.MemoryReceiveChannel[EngineEvent],
         output: OutputSpec | None = None,
+        deadline: Deadline | None = None,
     ) -> RequestStream:
-        deadline = trio.current_time() + self.timeout if math.isfinite(self.timeout) else math.inf
         return RequestStream(
             request,
             events,
             self._scheduler,
             self._loaded.tokenizer,
-            deadline=deadline,
-            timeout=self.timeout,
+            deadline=deadline or self.deadline(),
             output=self._output_parser(request, output),
             keep_special=self._marker_ids if output is not None else frozenset(),
         )

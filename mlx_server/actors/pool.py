@@ -40,6 +40,7 @@ from ..config import Settings
 from ..engine import model as model_loading
 from ..engine.memory import weights_bytes
 from ..errors import ConfigError, InvalidRequest, NotFound, RequestTimeout, ServiceUnavailable
+from ..messages import Deadline
 from .frontend import Frontend
 from .scheduler import GenerationMetrics
 from .service import ModelService
@@ -201,11 +202,17 @@ class ModelPool:
                 except Exception as exc:  # reported to the requests that need it
                     log.warning("could not preload model %s: %s", slot.name, exc)
 
+    def deadline(self) -> Deadline:
+        """A request's deadline (`--timeout`), starting now: it covers waiting for its model to
+        load as well as generating."""
+        return Deadline.starting(trio.current_time(), self.timeout)
+
     async def acquire(
-        self, requested: object, *, param: str = "model"
+        self, requested: object, *, param: str = "model", deadline: Deadline | None = None
     ) -> tuple[Frontend, Callable[[], None]]:
-        """The frontend of the model a request names, loading it if needed, pinned until the
-        returned release function is called."""
+        """The frontend of the model a request names, loading it if needed (within the
+        request's deadline), pinned until the returned release function is called."""
+        until = deadline or self.deadline()
         slot = self.resolve(requested, param=param)
         slot.pins += 1
         slot.last_used = trio.current_time()
@@ -222,12 +229,12 @@ class ModelPool:
         try:
             fe = slot.frontend
             if fe is None:
-                with trio.move_on_after(self.timeout) as waited:
+                with trio.move_on_at(until.at) as waited:
                     fe = await self._ensure_loaded(slot)
                 if waited.cancelled_caught or fe is None:
                     raise RequestTimeout(
                         f"the model {slot.name!r} could not be loaded within the request's "
-                        f"timeout ({self.timeout:g} s): the other models are busy"
+                        f"timeout ({until.timeout:g} s): the other models are busy"
                     )
             return fe, release
         except BaseException:

@@ -28,7 +28,6 @@ class ModelIdentity(Protocol):
 
     name: str
     spec: str | None
-    aliases: tuple[str, ...]
 
 
 class ModelService:
@@ -94,7 +93,6 @@ class ModelService:
                         nursery,
                         timeout=settings.timeout if settings.timeout > 0 else math.inf,
                         default_max_tokens=settings.max_tokens,
-                        model_aliases=slot.aliases,
                         submit_job=executor.send,
                     )
                     log.info("model %s ready (%s)", loaded.name, loaded.source)

@@ -17,6 +17,7 @@ from ..engine.detokenizer import StreamingDetokenizer
 from ..engine.stop import StopMatcher
 from ..engine.tokenizer import Tokenizer
 from ..messages import (
+    Deadline,
     Failed,
     Finished,
     FinishReason,
@@ -45,8 +46,7 @@ class RequestStream:
         scheduler: Scheduler,
         tokenizer: Tokenizer,
         *,
-        deadline: float,
-        timeout: float,
+        deadline: Deadline,
         output: OutputParser | None = None,
         keep_special: frozenset[int] = frozenset(),
     ) -> None:
@@ -58,7 +58,6 @@ class RequestStream:
         self._output = output  # tool calls and reasoning, when the request wants them
         self._stops = StopMatcher(request.stop)
         self._deadline = deadline
-        self._timeout = timeout
         self.completion_tokens = 0
         self.cached_tokens = 0
         self.first_token_at: float | None = None
@@ -76,13 +75,13 @@ class RequestStream:
         finished = False
         try:
             with scope, out, self._events:
-                with trio.move_on_at(self._deadline) as timer:
+                with trio.move_on_at(self._deadline.at) as timer:
                     finished = await self._pump(out)
                 if timer.cancelled_caught:
                     self._scheduler.metrics.timed_out()
                     out.send_nowait(
                         Failed(
-                            message=f"request timed out after {self._timeout:g} s",
+                            message=self._deadline.message(),
                             kind="timeout_error",
                             status=504,
                         )

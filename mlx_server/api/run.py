@@ -16,7 +16,7 @@ from quart import Response
 from ..actors.frontend import Frontend
 from ..generation import Prepared, Request, Tally, choice_requests, collect, prepare
 from ..generation.fanout import nothing_to_generate
-from ..messages import StreamEvent
+from ..messages import Deadline, StreamEvent
 from . import outcome, sse
 from .state import models, use_model
 
@@ -38,13 +38,14 @@ class Renderer(Protocol):
         ...
 
 
-async def model_for(request: Request) -> Frontend:
+async def model_for(request: Request, deadline: Deadline | None = None) -> Frontend:
     models()  # 503 until the server is ready
-    return await use_model(request.model)
+    return await use_model(request.model, deadline=deadline)
 
 
 async def run(request: Request, render: Renderer) -> Response | dict[str, Any]:
-    model = await model_for(request)
+    deadline = models().deadline()  # one budget: loading the model, queueing, generating
+    model = await model_for(request, deadline)
     prepared = await prepare(model, request)
     await render.begin(model, prepared)
     tally = Tally.of(prepared.choices, n=request.n, prompt_tokens=prepared.prompt_tokens)
@@ -63,7 +64,7 @@ async def run(request: Request, render: Renderer) -> Response | dict[str, Any]:
         if request.stream:
             return _sse(render.stream(prepared, tally, events))
         return render.complete(prepared, await collect(events, tally))
-    handle = model.start_streams(choice_requests(prepared), prepared.output)
+    handle = model.start_streams(choice_requests(prepared), prepared.output, deadline)
     if request.stream:
         body = render.stream(prepared, tally, observed(handle.events))
         return _sse(sse.ClosingBody(body, handle.close))

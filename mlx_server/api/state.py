@@ -8,6 +8,7 @@ import attrs
 from quart import Quart, current_app, g
 
 from ..errors import ServiceUnavailable
+from ..messages import Deadline
 
 if TYPE_CHECKING:
     from ..actors.frontend import Frontend
@@ -18,11 +19,6 @@ if TYPE_CHECKING:
 class ServerState:
     models: ModelPool | None = None
     status: str = "loading"  # loading | ok | failed | stopping
-
-    @property
-    def frontend(self) -> Frontend | None:
-        """The default model's frontend while it is loaded."""
-        return self.models.default.frontend if self.models is not None else None
 
 
 def state() -> ServerState:
@@ -41,10 +37,12 @@ def models() -> ModelPool:
     return st.models
 
 
-async def use_model(requested: object, *, param: str = "model") -> Frontend:
+async def use_model(
+    requested: object, *, param: str = "model", deadline: Deadline | None = None
+) -> Frontend:
     """The frontend of the model a request names (404 for an unknown one), loaded if needed and
     kept loaded until this request's handler has returned (see `install_model_pins`)."""
-    fe, release = await models().acquire(requested, param=param)
+    fe, release = await models().acquire(requested, param=param, deadline=deadline)
     pins: list[object] = g.setdefault("mlx_server_model_pins", [])
     pins.append(release)
     return fe

@@ -22,7 +22,8 @@ _GROUPS = {
 
 
 def _block_tag(value: Any) -> str | None:
-    return _GROUPS.get(value.get("type")) if isinstance(value, dict) else None  # type: ignore[arg-type]
+    kind = value.get("type") if isinstance(value, dict) else None
+    return _GROUPS.get(kind) if isinstance(kind, str) else None
 
 
 class TextBlock(Part):

@@ -40,15 +40,15 @@ async def embeddings() -> Response | dict[str, Any]:
     """Each input's vector is the mean of the model's final hidden states over its tokens,
     L2-normalised (`engine.embeddings`); `dimensions` truncates it and normalises again."""
     body = await parse(EmbeddingRequest)
-    models()  # 503 until the server is ready
-    fe = await use_model(body.model)
+    deadline = models().deadline()  # 503 until the server is ready
+    fe = await use_model(body.model, deadline=deadline)
     inputs: list[tuple[int, ...]] = []
     for i, spec in enumerate(convert.prompt_specs(body.input, param="input")):
         what = f"'input[{i}]'"
         ids = await fe.prompt_ids(spec, param="input", what=what)
         check_length(fe.context_length, ids, 0, param="input", what=what)
         inputs.append(ids)
-    vectors = await fe.embed(inputs, dimensions=body.dimensions)
+    vectors = await fe.embed(inputs, dimensions=body.dimensions, deadline=deadline)
     tokens = sum(len(ids) for ids in inputs)
     outcome.current().prompt_tokens = tokens
     return render.embeddings_json(
