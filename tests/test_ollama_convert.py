@@ -97,7 +97,8 @@ def test_bad_chat_bodies(body: dict[str, Any], param: str) -> None:
 
 def test_writer_chat_stream_and_whole() -> None:
     import ollama as ollama_types
-    writer = OllamaWriter(model="m", mode="chat", started=time.perf_counter())
+
+    writer = OllamaWriter(model="m", mode="chat", started=time.monotonic())
     chunks = [
         *writer.feed(ReasoningDelta(text="t")),
         *writer.feed(TextDelta(text="Hi")),
@@ -109,7 +110,8 @@ def test_writer_chat_stream_and_whole() -> None:
     chunks.extend(writer.finish(done))
     parsed = [ollama_types.ChatResponse.model_validate(c) for c in chunks]
     assert parsed[0].message.thinking == "t" and parsed[1].message.content == "Hi"
-    assert parsed[2].message.tool_calls[0].function.arguments == {"x": 2}
+    (call,) = parsed[2].message.tool_calls or []
+    assert call.function.arguments == {"x": 2}
     last = parsed[-1]
     assert last.done and last.done_reason == "stop" and last.eval_count == 4
     assert last.prompt_eval_count == 3 and (last.total_duration or 0) >= 0

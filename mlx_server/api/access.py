@@ -1,5 +1,5 @@
-"""Access control for /v1 routes: the API key (`--api-key`) and the per-client rate limit
-(`--rate-limit` requests per minute). `/health` stays open."""
+"""Access control for the API routes (/v1, Ollama's /api) and /admin: the API key (`--api-key`)
+and the per-client rate limit (`--rate-limit` requests per minute). `/health` stays open."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from quart import Quart, Response, request
 from ..config import Settings
 from .errors import error_response
 from .metrics import mark_rejected
+
+# The API routes (OpenAI and Anthropic under /v1, Ollama's under /api) and the admin routes.
+GUARDED_PREFIXES = ("/v1/", "/api/", "/admin/")
 
 
 def presented_key() -> str | None:
@@ -60,7 +63,7 @@ def install_access_control(app: Quart, settings: Settings) -> None:
 
     @app.before_request
     async def _guard() -> Response | None:
-        if not request.path.startswith("/v1/") or request.method == "OPTIONS":
+        if not request.path.startswith(GUARDED_PREFIXES) or request.method == "OPTIONS":
             return None
         key = presented_key()
         if expected is not None:

@@ -3,6 +3,7 @@ failure JSON (never quart's HTML pages).
 
 OpenAI: `{"error": {"message", "type", "param", "code"}}`.
 Anthropic (routes under /v1/messages): `{"type": "error", "error": {"type", "message"}}`.
+Ollama (routes under /api/): `{"error": "message"}`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ _ANTHROPIC_KINDS = set(_ANTHROPIC_TYPES.values())
 
 def is_anthropic_path(path: str) -> bool:
     return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def is_ollama_path(path: str) -> bool:
+    """Ollama's API (`api/ollama`): errors are `{"error": "message"}`."""
+    return path.startswith("/api/")
 
 
 def openai_error_body(
@@ -117,6 +123,8 @@ def error_response(
     headers: dict[str, str] | None = None,
 ) -> Response:
     """An error in the shape of the API the current request's route belongs to."""
+    if is_ollama_path(request.path):
+        return _json_response({"error": message}, status, headers)
     if is_anthropic_path(request.path):
         return anthropic_error(message, status=status, kind=kind, headers=headers)
     openai_kind = kind if kind in _OPENAI_TYPES.values() or kind is None else None
@@ -129,6 +137,8 @@ def error_response(
 
 def error_from_exception(exc: RequestError) -> Response:
     if isinstance(exc, GenerationFailed):  # the engine's own status and kind, as they are
+        if is_ollama_path(request.path):
+            return _json_response({"error": exc.message}, exc.status, None)
         if is_anthropic_path(request.path):
             return anthropic_error(exc.message, status=exc.status, kind=exc.kind)
         return openai_error(exc.message, status=exc.status, kind=exc.kind)

@@ -1,17 +1,24 @@
 """Ollama's response shapes: NDJSON chunks for `/api/chat` and `/api/generate`, built from the
-generation's stream events, with Ollama's durations (nanoseconds) and counts. Pure."""
+generation's stream events, with Ollama's durations (nanoseconds) and counts.
+
+`OllamaWriter` is pure (events in, chunks out); `OllamaRender` is the `api.run.Renderer` that
+drives it for one request, timed from the request's arrival (its `Outcome`)."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import attrs
 
+from ...actors.frontend import Frontend
+from ...generation import Prepared, Tally
+from ...generation.accumulate import NO_RESULT
 from ...messages import (
+    Failed,
     Finished,
     ReasoningDelta,
     StreamEvent,
@@ -19,6 +26,8 @@ from ...messages import (
     ToolCallArgsDelta,
     ToolCallStart,
 )
+from ..outcome import Outcome
+from ..outcome import current as outcome_of_request
 
 Mode = Literal["chat", "generate"]
 
@@ -40,7 +49,7 @@ class _Call:
 class OllamaWriter:
     """Stream events -> Ollama chunks. Text and thinking go out as they come; a tool call goes
     out whole (Ollama sends parsed argument objects) when the next call starts or the generation
-    ends. `started` is when the request arrived (perf_counter), for the durations."""
+    ends. `started` is when the request arrived (`time.monotonic`), for the durations."""
 
     model: str
     mode: Mode
@@ -69,7 +78,7 @@ class OllamaWriter:
 
     def _mark(self) -> None:
         if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
+            self.first_token_at = time.monotonic()
 
     def feed(self, event: StreamEvent) -> Iterator[dict[str, Any]]:
         if isinstance(event, TextDelta) and event.text:
@@ -118,7 +127,7 @@ class OllamaWriter:
         """The closing chunk; `whole` puts the entire answer in it (a non-streaming reply)."""
         for _ in self._flush():
             pass
-        now = time.perf_counter()
+        now = time.monotonic()
         first = self.first_token_at if self.first_token_at is not None else now
         calls = [self._call_body(c, i) for i, c in enumerate(self.calls)] if whole else None
         chunk = self._chunk(
@@ -138,3 +147,65 @@ class OllamaWriter:
             eval_duration=int((now - first) * 1e9),
         )
         return chunk
+
+
+# -- the renderer of one request --------------------------------------------------------------
+
+
+def ndjson(obj: Any) -> bytes:
+    """One line of Ollama's streamed responses (`application/x-ndjson`)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+@attrs.define
+class OllamaRender:
+    """`/api/chat` and `/api/generate` answers (one choice: Ollama has no `n`), streamed as
+    NDJSON or whole; an error after the stream began is a last `{"error": ...}` line, which the
+    Ollama clients raise. Durations run from the request's arrival; the first generated piece
+    (text, thinking or a tool call) ends the prompt's evaluation."""
+
+    mode: Mode
+    _outcome: Outcome | None = None
+
+    async def begin(self, model: Frontend, prepared: Prepared) -> None:
+        self._outcome = outcome_of_request()
+
+    def prefixes(self) -> list[str]:
+        return []
+
+    def _writer(self, prepared: Prepared) -> OllamaWriter:
+        started = self._outcome.arrived if self._outcome is not None else time.monotonic()
+        return OllamaWriter(model=prepared.model_name, mode=self.mode, started=started)
+
+    def complete(self, prepared: Prepared, tally: Tally) -> dict[str, Any]:
+        writer = self._writer(prepared)
+        choice = tally.choices[0]
+        assert choice.finished is not None
+        writer.text = list(choice.texts)
+        writer.thinking = list(choice.reasoning_parts)
+        writer.calls = [
+            _Call(call_id=c.id, name=c.name, arguments=c.arguments) for c in choice.tool_calls
+        ]
+        if self._outcome is not None:
+            writer.first_token_at = self._outcome.first_token_at
+        return writer.done(choice.finished, whole=True)
+
+    async def stream(
+        self, prepared: Prepared, tally: Tally, events: AsyncIterator[tuple[int, StreamEvent]]
+    ) -> AsyncIterator[bytes]:
+        writer = self._writer(prepared)
+        async for index, ev in events:
+            if isinstance(ev, Failed):
+                yield ndjson({"error": ev.message})
+                return
+            finished = tally.add(index, ev)
+            if isinstance(ev, Finished):
+                if finished:
+                    for chunk in writer.finish(ev):
+                        yield ndjson(chunk)
+                if tally.done:
+                    return
+            else:
+                for chunk in writer.feed(ev):
+                    yield ndjson(chunk)
+        yield ndjson({"error": NO_RESULT})

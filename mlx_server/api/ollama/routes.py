@@ -1,0 +1,362 @@
+"""Ollama's routes, for the editor plugins and tools that speak only Ollama's API.
+
+`/api/chat` and `/api/generate` are Ollama body -> chat-completions body (`convert.py`) -> the
+OpenAI request model -> the one internal request -> `run` -> `OllamaRender`: NDJSON streaming
+by default (`"stream": false` for one object), Ollama's field names, durations (nanoseconds) and
+counts. `raw: true` generate goes through the completions path (the prompt as is). An empty
+`messages` / `prompt` loads the model (`keep_alive: 0`: unloads it), as with Ollama.
+`/api/tags`, `/api/show`, `/api/ps` describe the served models; `/api/embed` (and the legacy
+`/api/embeddings`) embed with the model's pooled hidden states, like `/v1/embeddings`.
+
+The API key, rate limit, body limit and timeouts are those of every route; errors are Ollama's
+`{"error": "..."}` with the status Ollama uses (400 bad body, 404 unknown model, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+from quart import Blueprint, Response, request
+
+from ... import hub
+from ...actors.pool import ModelSlot
+from ...errors import InvalidRequest, NotFound
+from ...generation import Request
+from ...generation.prepare import check_length
+from ...messages import PromptSpec
+from .. import outcome
+from ..openai import convert as openai_convert
+from ..openai.protocol import ChatCompletionRequest, CompletionRequest
+from ..protocol import parse_object
+from ..run import run
+from ..state import models, use_model
+from . import convert
+from .render import Mode, OllamaRender, ndjson, timestamp
+
+bp = Blueprint("ollama", __name__)
+
+# The Ollama API version these routes follow (clients compare it against features they need).
+OLLAMA_API_VERSION = "0.12.6"
+NDJSON = "application/x-ndjson"
+
+
+# -- reading requests -----------------------------------------------------------------------
+
+
+async def _body() -> dict[str, Any]:
+    raw = await request.get_data(as_text=False)
+    if not raw:
+        raise InvalidRequest("the request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise InvalidRequest("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'{name}' must be a boolean", param=name)
+    return value
+
+
+def _slot(value: object) -> ModelSlot:
+    """The served model a request names; Ollama's `:latest` tag is the model itself."""
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest("'model' is required", param="model")
+    pool = models()
+    try:
+        return pool.resolve(value)
+    except NotFound:
+        base, _, tag = value.rpartition(":")
+        if base and tag == "latest":
+            return pool.resolve(base)
+        raise
+
+
+_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def _keep_alive(value: object) -> float | None:
+    """Seconds: a number, or a duration such as "5m", "1h30m" (negative: forever)."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return float(text)
+        except ValueError:
+            pass
+        parts = _DURATION.findall(text)
+        if parts and "".join(n + u for n, u in parts) == text:
+            return sum(float(n) * _UNITS[u] for n, u in parts)
+    raise InvalidRequest(
+        "'keep_alive' must be a number of seconds or a duration such as \"5m\"",
+        param="keep_alive",
+    )
+
+
+def _ndjson(result: Response | dict[str, Any]) -> Response | dict[str, Any]:
+    """A streamed answer goes out as NDJSON (what `run` streamed is already one JSON per line)."""
+    if isinstance(result, Response):
+        result.headers["Content-Type"] = NDJSON
+    return result
+
+
+# -- generation -------------------------------------------------------------------------------
+
+
+@bp.post("/api/chat")
+async def chat() -> Response | dict[str, Any]:
+    raw = await _body()
+    stream = _flag(raw, "stream", True)
+    keep = _keep_alive(raw.get("keep_alive"))  # accepted; models stay loaded (--idle-unload)
+    slot = _slot(raw.get("model"))
+    if not raw.get("messages"):
+        return await _load_or_unload(slot, keep, "chat", stream)
+    body = convert.chat_body(raw)
+    body.pop("reasoning", None)
+    body.update(model=slot.name, stream=stream)
+    request_ = openai_convert.chat_request(parse_object(ChatCompletionRequest, body))
+    return _ndjson(await run(request_, OllamaRender(mode="chat")))
+
+
+@bp.post("/api/generate")
+async def generate() -> Response | dict[str, Any]:
+    raw = await _body()
+    stream = _flag(raw, "stream", True)
+    keep = _keep_alive(raw.get("keep_alive"))  # accepted; models stay loaded (--idle-unload)
+    slot = _slot(raw.get("model"))
+    if not raw.get("prompt") and not raw.get("images"):
+        return await _load_or_unload(slot, keep, "generate", stream)
+    body = convert.generate_body(raw)
+    body.update(model=slot.name, stream=stream)
+    request_: Request
+    if body.pop("raw", False):
+        request_ = openai_convert.completion_request(parse_object(CompletionRequest, body))
+        if "max_tokens" not in body:  # the server's default, not the completions API's 16
+            request_ = attrs.evolve(request_, max_tokens=None)
+    else:
+        body.pop("reasoning", None)
+        request_ = openai_convert.chat_request(parse_object(ChatCompletionRequest, body))
+    return _ndjson(await run(request_, OllamaRender(mode="generate")))
+
+
+async def _load_or_unload(
+    slot: ModelSlot, keep: float | None, mode: Mode, stream: bool
+) -> Response | dict[str, Any]:
+    """Ollama's way to load a model (an empty chat or prompt) or unload it (`keep_alive: 0`)."""
+    if keep == 0:
+        await models().unload(slot)
+        reason = "unload"
+    else:
+        await use_model(slot.name)
+        reason = "load"
+    chunk: dict[str, Any] = {"model": slot.name, "created_at": timestamp()}
+    if mode == "chat":
+        chunk["message"] = {"role": "assistant", "content": ""}
+    else:
+        chunk["response"] = ""
+    chunk.update(done=True, done_reason=reason)
+    if stream:
+        return Response(ndjson(chunk), status=200, content_type=NDJSON)
+    return chunk
+
+
+# -- embeddings -------------------------------------------------------------------------------
+
+
+async def _embed(
+    slot: ModelSlot, texts: list[str], *, truncate: bool, dimensions: int | None
+) -> tuple[str, list[list[float]], int]:
+    fe = await use_model(slot.name)
+    inputs: list[tuple[int, ...]] = []
+    for i, text in enumerate(texts):
+        what = f"'input[{i}]'"
+        ids = await fe.prompt_ids(PromptSpec(text=text), param="input", what=what)
+        if truncate and len(ids) > fe.context_length:
+            ids = ids[: fe.context_length]
+        check_length(fe.context_length, ids, 0, param="input", what=what)
+        inputs.append(ids)
+    vectors = await fe.embed(inputs, dimensions=dimensions) if inputs else []
+    tokens = sum(len(ids) for ids in inputs)
+    outcome.current().prompt_tokens = tokens
+    return fe.model_name, vectors, tokens
+
+
+@bp.post("/api/embed")
+async def embed() -> dict[str, Any]:
+    raw = await _body()
+    slot = _slot(raw.get("model"))
+    texts = raw.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise InvalidRequest("'input' must be a string or an array of strings", param="input")
+    dimensions = raw.get("dimensions")
+    if dimensions is not None and (
+        not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1
+    ):
+        raise InvalidRequest("'dimensions' must be a positive integer", param="dimensions")
+    truncate = _flag(raw, "truncate", True)
+    started = time.monotonic()
+    name, vectors, tokens = await _embed(slot, texts, truncate=truncate, dimensions=dimensions)
+    return {
+        "model": name,
+        "embeddings": vectors,
+        "total_duration": int((time.monotonic() - started) * 1e9),
+        "load_duration": 0,
+        "prompt_eval_count": tokens,
+    }
+
+
+@bp.post("/api/embeddings")
+async def embeddings() -> dict[str, Any]:
+    """The legacy form: one `prompt`, one `embedding`."""
+    raw = await _body()
+    slot = _slot(raw.get("model"))
+    prompt = raw.get("prompt")
+    if prompt is None or prompt == "":
+        return {"embedding": []}
+    if not isinstance(prompt, str):
+        raise InvalidRequest("'prompt' must be a string", param="prompt")
+    _, vectors, _ = await _embed(slot, [prompt], truncate=True, dimensions=None)
+    return {"embedding": vectors[0]}
+
+
+# -- the model list ---------------------------------------------------------------------------
+
+
+@bp.get("/api/version")
+async def version() -> dict[str, Any]:
+    return {"version": OLLAMA_API_VERSION}
+
+
+def _iso(at: float) -> str:
+    return datetime.fromtimestamp(at, tz=UTC).isoformat().replace("+00:00", "Z")
+
+
+def _config(spec: str | None) -> dict[str, Any]:
+    """The model's config.json, when it has one (a model directory or a cached repo)."""
+    if spec is None:
+        return {}
+    try:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            cached = hub.find_cached(spec)
+            path = cached.path if cached is not None else path
+        if path.is_dir():
+            found = [path / "config.json"] if (path / "config.json").is_file() else []
+            found += sorted(path.glob("snapshots/*/config.json"), key=lambda p: p.stat().st_mtime)
+            if found:
+                data = json.loads(found[-1].read_text(encoding="utf-8"))
+                return data if isinstance(data, dict) else {}
+    except (OSError, ValueError, InvalidRequest):
+        return {}
+    return {}
+
+
+def _details(slot: ModelSlot, config: dict[str, Any]) -> dict[str, Any]:
+    family = config.get("model_type")
+    family = family if isinstance(family, str) else ""
+    quant = config.get("quantization")
+    bits = quant.get("bits") if isinstance(quant, dict) else None
+    dtype = config.get("torch_dtype")
+    level = f"Q{bits}" if bits else (dtype.upper() if isinstance(dtype, str) else "")
+    gguf = slot.spec is None or str(slot.spec).lower().endswith(".gguf")
+    return {
+        "parent_model": "",
+        "format": "gguf" if gguf else "safetensors",
+        "family": family,
+        "families": [family] if family else None,
+        "parameter_size": "",
+        "quantization_level": level,
+    }
+
+
+def _digest(slot: ModelSlot) -> str:
+    return hashlib.sha256(f"{slot.name}\0{slot.spec}".encode()).hexdigest()
+
+
+async def _describe(slot: ModelSlot) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(details, config), the files read off the event loop."""
+    config = await trio.to_thread.run_sync(_config, slot.spec)
+    return _details(slot, config), config
+
+
+async def _entry(slot: ModelSlot) -> dict[str, Any]:
+    details, _ = await _describe(slot)
+    return {
+        "name": slot.name,
+        "model": slot.name,
+        "modified_at": _iso(slot.created),
+        "size": slot.size,
+        "digest": _digest(slot),
+        "details": details,
+    }
+
+
+@bp.get("/api/tags")
+async def tags() -> dict[str, Any]:
+    return {"models": [await _entry(slot) for slot in models().slots]}
+
+
+@bp.get("/api/ps")
+async def ps() -> dict[str, Any]:
+    pool = models()
+    out = []
+    for slot in pool.slots:
+        fe = slot.frontend
+        if fe is None:
+            continue
+        entry = await _entry(slot)
+        left = pool.expires_in(slot)
+        # Never unloaded: far in the future, as Ollama reports `keep_alive: -1`.
+        expires = time.time() + left if left is not None else 253402214400.0
+        entry.update(
+            expires_at=_iso(expires), size_vram=slot.size, context_length=fe.context_length
+        )
+        out.append(entry)
+    return {"models": out}
+
+
+@bp.post("/api/show")
+async def show() -> dict[str, Any]:
+    raw = await _body()
+    slot = _slot(raw.get("model") or raw.get("name"))
+    details, config = await _describe(slot)
+    fe = slot.frontend
+    context = fe.context_length if fe is not None else config.get("max_position_embeddings")
+    family = details["family"] or "llama"
+    info: dict[str, Any] = {"general.architecture": family}
+    if isinstance(context, int):
+        info[f"{family}.context_length"] = context
+    capabilities = ["completion", "tools"]  # every model gets tools (a generic prompt at worst)
+    if fe is not None and fe.output_format.reasoning:
+        capabilities.append("thinking")
+    return {
+        "license": "",
+        "modelfile": f"FROM {slot.name}\n",
+        "parameters": "",
+        "template": "",
+        "details": details,
+        "model_info": info,
+        "capabilities": capabilities,
+        "modified_at": _iso(slot.created),
+    }
