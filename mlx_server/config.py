@@ -55,6 +55,7 @@ class Settings:
     model_memory_bytes: int = 0
     parallel: str = "auto"
     rank_timeout: float = 15.0
+    idle_unload: float = 0.0
     # The second and later `--model` values (several models in one server).
     more_models: tuple[str, ...] = ()
 
@@ -391,6 +392,14 @@ _OPTIONS: tuple[_Option, ...] = (
         "it counts as dead (the server then ends its requests with an error and exits).",
         "SECONDS",
         "15",
+    ),
+    _Option(
+        "idle_unload",
+        _seconds("idle unload"),
+        "Unload a model once it has been idle (no request, no stream) for this many seconds; "
+        "its next request loads it again. 0 keeps models loaded.",
+        "SECONDS",
+        "0 (never)",
     ),
 )
 

@@ -16,6 +16,10 @@ Each loaded model is a `ModelService` (`service.py`); the `ModelPool` owns the s
   (a request pins its model from the moment its name is resolved until its handler returns;
   streams still running after that are counted by the model's scheduler). When nothing can be
   unloaded yet, the request waits, within its timeout.
+- At run time. `load` / `unload` (the admin routes) load or unload a model by name; `add` makes
+  a model pulled into the Hugging Face cache servable; with ``--idle-unload SECONDS`` a model
+  that has been idle (no pinned request, no stream) that long is unloaded. Each slot's `state`
+  is "loaded", "loading" or "available" (known, not in memory).
 
 All of this runs on the trio thread; MLX work stays on each model's executor thread, and the
 executor threads take turns on MLX (`executor.MLX_TURNS`).
@@ -39,7 +43,14 @@ import trio
 from ..config import Settings
 from ..engine import model as model_loading
 from ..engine.memory import weights_bytes
-from ..errors import ConfigError, InvalidRequest, NotFound, RequestTimeout, ServiceUnavailable
+from ..errors import (
+    ConfigError,
+    InvalidRequest,
+    NotFound,
+    RequestError,
+    RequestTimeout,
+    ServiceUnavailable,
+)
 from ..messages import Deadline
 from .frontend import Frontend
 from .scheduler import GenerationMetrics
@@ -113,6 +124,13 @@ class ModelSlot:
     def idle(self) -> bool:
         return self.pins == 0 and (self.service is None or not self.service.busy)
 
+    @property
+    def state(self) -> str:
+        """ "loaded", "loading" (or unloading) or "available" (known, not in memory)."""
+        if self.loading is not None or (self.service is not None and self.frontend is None):
+            return "loading"
+        return "loaded" if self.loaded else "available"
+
     def matches(self, requested: str) -> bool:
         name, own = requested.lower(), self.name.lower()
         if name in (own, own.rsplit("/", 1)[-1]) or (self.default and name == "default"):
@@ -139,6 +157,8 @@ class ModelPool:
         self.budget = budget or settings.model_memory_bytes or int(0.75 * (total or 1 << 62))
         self._changed = trio.Event()
         self.timeout = settings.timeout if settings.timeout > 0 else math.inf
+        self.idle_unload = settings.idle_unload  # seconds; 0: never
+        self._idle_since: dict[ModelSlot, float] = {}
 
     # -- names -----------------------------------------------------------------------------
 
@@ -192,6 +212,8 @@ class ModelPool:
         background while they fit the budget."""
         fe = await self._load(self.default)
         self._nursery.start_soon(self._preload)
+        if self.idle_unload > 0:
+            self._nursery.start_soon(self._unload_idle, self.idle_unload)
         return fe
 
     async def _preload(self) -> None:
@@ -294,10 +316,12 @@ class ModelPool:
         over = self.loaded_bytes(besides=slot) + slot.size > self.budget
         return not over or self.loaded_bytes(besides=slot) == 0
 
-    def _unload(self, slot: ModelSlot) -> ModelService:
+    def _unload(
+        self, slot: ModelSlot, why: str = "least recently used, idle, to make room"
+    ) -> ModelService:
         service = slot.service
         assert service is not None
-        log.info("unloading model %s (least recently used, idle) to make room", slot.name)
+        log.info("unloading model %s (%s)", slot.name, why)
         slot.service = None
         service.scope.cancel()
         self._notify()
@@ -322,6 +346,73 @@ class ModelPool:
         if self.loaded_bytes() > self.budget:
             await self._make_room(slot)  # measured bigger than estimated: unload idle others
         return fe
+
+    # -- at run time (the admin routes, --idle-unload) -----------------------------------------
+
+    def add(self, name: str, spec: str) -> ModelSlot:
+        """Serve one more model (not loaded yet): `spec` a model directory, `name` its public
+        name, which must not clash with a model already served."""
+        keys = {name.lower(), name.lower().rsplit("/", 1)[-1]}
+        for slot in self.slots:
+            if keys & {slot.name.lower(), slot.name.lower().rsplit("/", 1)[-1]}:
+                raise InvalidRequest(
+                    f"a model named {slot.name!r} is already served", param="model"
+                )
+        slot = ModelSlot(name=name, spec=spec, size=estimate_bytes(spec))
+        self.slots.append(slot)
+        self._notify()
+        return slot
+
+    async def load(self, slot: ModelSlot) -> Frontend:
+        """Load `slot` now (unloading idle others to make room, waiting for busy ones)."""
+        slot.last_used = trio.current_time()
+        fe = await self._ensure_loaded(slot)
+        slot.last_used = trio.current_time()
+        return fe
+
+    async def unload(self, slot: ModelSlot) -> bool:
+        """Unload `slot` and wait until its memory is back; False when it was not loaded. A
+        model with requests in flight is not unloaded (409)."""
+        while slot.loading is not None:
+            await slot.loading.wait()
+        if slot.service is None:
+            return False
+        if not slot.idle:
+            raise RequestError(
+                f"the model {slot.name!r} has requests in flight; unload it when they are done",
+                status=409,
+                code="model_busy",
+            )
+        service = self._unload(slot, why="asked to")
+        await service.stopped.wait()
+        return True
+
+    async def _unload_idle(self, seconds: float) -> None:
+        """Unload every model that has been idle (no pinned request, no stream) for `seconds`,
+        checked a few times per period."""
+        idle_since = self._idle_since
+        tick = max(0.05, min(seconds / 4, 5.0))
+        while True:
+            now = trio.current_time()
+            for slot in self.slots:
+                if slot.service is None or slot.loading is not None or not slot.idle:
+                    idle_since.pop(slot, None)
+                    continue
+                since = max(idle_since.setdefault(slot, now), slot.last_used)
+                if now - since >= seconds:
+                    idle_since.pop(slot, None)
+                    self._unload(slot, why=f"idle for {seconds:g} s")
+            await trio.sleep(tick)
+
+    def expires_in(self, slot: ModelSlot) -> float | None:
+        """Seconds until an idle `slot` would be unloaded (None: never, or not loaded)."""
+        if self.idle_unload <= 0 or slot.service is None:
+            return None
+        if not slot.idle:
+            return self.idle_unload
+        now = trio.current_time()
+        since = max(self._idle_since.get(slot, now), slot.last_used)
+        return max(0.0, since + self.idle_unload - now)
 
     # -- shutdown ----------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from .anthropic import routes as anthropic_routes
 from .cors import install_cors
 from .errors import install_error_handlers
 from .metrics import install_metrics
+from .ollama import routes as ollama_routes
 from .openai import routes as openai_routes
 from .outcome import install_outcomes
 from .responses import routes as responses_routes
@@ -35,6 +36,7 @@ def create_app(settings: Settings, server_state: ServerState) -> QuartTrio:
     install_outcomes(app, recorder)
     app.register_blueprint(openai_routes.bp)
     app.register_blueprint(anthropic_routes.bp)
+    app.register_blueprint(ollama_routes.bp)  # Ollama's API under /api
     responses_routes.install(app, settings)
     app.register_blueprint(web.bp)  # the chat page at / (no key needed; its /v1 calls need one)
     install_error_handlers(app)
