@@ -40,6 +40,7 @@ CHROMIUM_ARGS = [
 KEY = "s3cret-key"
 TIMEOUT_MS = 30_000
 DEADLINE_S = 4
+SECOND = "second-model"
 
 REASONING = "The user wants **code**."
 ANSWER = (
@@ -85,9 +86,14 @@ def browser() -> Iterator[Any]:
             chromium.close()
 
 
-def _scripted(tmp_path_factory: pytest.TempPathFactory, *args: str) -> Iterator[ServerProcess]:
+def _scripted(
+    tmp_path_factory: pytest.TempPathFactory, *args: str, models: int = 1
+) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("web")
     model_dir = build_scripted_model(root / "scripted-qwen3", "qwen3")
+    if models == 2:
+        second = build_scripted_model(root / "second", "qwen3")
+        args = (*args, "--model", f"{SECOND}={second}")
     script = write_scripts(root / "scripts.json", SCRIPTS)
     launcher = [sys.executable, "-m", "mlx_server.testing.scripted_server", "--script", str(script)]
     env = {name: "" for name in os.environ if name.startswith("MLX_SERVER_")}
@@ -99,7 +105,7 @@ def _scripted(tmp_path_factory: pytest.TempPathFactory, *args: str) -> Iterator[
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    yield from _scripted(tmp_path_factory)
+    yield from _scripted(tmp_path_factory, models=2)
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +266,8 @@ def test_streams_markdown_code_reasoning_and_figures(
     expected = api_chat(server, "Hello").json()
     tab = page_on(server)
     page = tab.open()
-    assert page.locator("#model option").all_inner_texts() == ["scripted-qwen3"]
+    assert page.locator("#model option").all_inner_texts() == ["scripted-qwen3", SECOND]
+    assert page.input_value("#model") == "scripted-qwen3"  # the server's first model
     # Record the answer's text length at every change: streaming shows it growing.
     page.evaluate(
         """() => {
@@ -553,6 +560,7 @@ def test_keyboard_settings_and_new_chat(
     page.fill("#system", "You are terse.")
     page.fill("#temperature", "0.3")
     page.fill("#max-tokens", "7")
+    page.select_option("#model", SECOND)
     with page.expect_request("**/v1/chat/completions") as sent:
         page.keyboard.press("Enter")  # focus is still in the settings: Enter there sends not
         page.focus("#input")
@@ -563,6 +571,7 @@ def test_keyboard_settings_and_new_chat(
         {"role": "user", "content": "line one\nline two"},
     ]
     assert body["temperature"] == 0.3 and body["max_tokens"] == 7
+    assert body["model"] == SECOND
     assert page.locator(".msg.user").count() == 1
     assert page.locator(".msg.user").inner_text() == "line one\nline two"
     stats = tab.wait_answer()
@@ -576,7 +585,7 @@ def test_keyboard_settings_and_new_chat(
     assert page.input_value("#system") == "You are terse."
     assert page.input_value("#temperature") == "0.3"
     assert page.input_value("#max-tokens") == "7"
-    assert page.input_value("#model") == "scripted-qwen3"
+    assert page.input_value("#model") == SECOND
     assert page.locator(".msg").count() == 0
     page.click("#settings-toggle")
     page.fill("#max-tokens", "")
