@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+import trio
 
 from mlx_server.api.app import create_app
 from mlx_server.api.state import ServerState
@@ -632,3 +633,39 @@ def test_copy_button_copies_the_code(server: ServerProcess, page_on: Callable[..
     )
     copied = page.evaluate("navigator.clipboard.readText()")
     assert copied == "def add(x: int) -> int:\n    # add one\n    return x + 1"
+
+
+@pytest.mark.slow
+def test_a_server_still_loading_is_retried(
+    server: ServerProcess, page_on: Callable[..., Page]
+) -> None:
+    """The page opened while the model loads: it says so and tries again by itself. The 503 is
+    the one this server's app really answers while loading (in process, no model)."""
+
+    async def loading_answer() -> tuple[int, bytes]:
+        client = create_app(Settings(), ServerState()).test_client()
+        r = await client.get("/v1/models")
+        return r.status_code, await r.get_data()
+
+    status, body = trio.run(loading_answer)
+    assert status == 503
+    tab = page_on(server)
+    page = tab.page
+    answered: list[int] = []
+
+    def models_route(route: Any) -> None:
+        if not answered:
+            answered.append(status)
+            route.fulfill(status=status, body=body, content_type="application/json")
+        else:
+            answered.append(200)
+            route.continue_()
+
+    page.route("**/v1/models", models_route)
+    tab.open(ready=False)
+    page.locator("#banner").wait_for(state="visible")
+    text = page.locator("#banner-text").inner_text()
+    assert "the model is still loading" in text and "trying again" in text
+    page.wait_for_selector("body[data-ready=true]", state="attached")
+    assert answered == [503, 200] and not page.locator("#banner").is_visible()
+    assert page.locator("#model option").count() == 2
