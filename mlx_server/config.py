@@ -55,9 +55,21 @@ class Settings:
     model_memory_bytes: int = 0
     parallel: str = "auto"
     rank_timeout: float = 15.0
-    idle_unload: float = 0.0
+    # Sampling defaults for requests that omit them (over the model's generation_config.json).
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
     # The second and later `--model` values (several models in one server).
     more_models: tuple[str, ...] = ()
+
+    @property
+    def sampling_overrides(self) -> dict[str, float]:
+        """The sampling flags given (`engine.model.load` merges them over the model's own
+        defaults: request > these flags > generation_config.json > the API's defaults)."""
+        given = {"temperature": self.temperature, "top_p": self.top_p}
+        given |= {"top_k": self.top_k, "min_p": self.min_p}
+        return {k: v for k, v in given.items() if v is not None}
 
     @property
     def models(self) -> tuple[str | None, ...]:
@@ -104,6 +116,24 @@ def _at_least(minimum: int, what: str) -> Callable[[str], int]:
         number = _int(value, what)
         if number < minimum:
             raise _BadValue(f"invalid {what} {value!r} (must be >= {minimum})")
+        return number
+
+    return convert
+
+
+def _number(
+    what: str, low: float, high: float, *, open_low: bool = False
+) -> Callable[[str], float]:
+    """A float within [low, high] ((low, high] when `open_low`)."""
+    interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+
+    def convert(value: str) -> float:
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = math.nan
+        if not (low < number if open_low else low <= number) or not number <= high:
+            raise _BadValue(f"invalid {what} {value!r} (must be a number in {interval})")
         return number
 
     return convert
@@ -393,13 +423,40 @@ _OPTIONS: tuple[_Option, ...] = (
         "SECONDS",
         "15",
     ),
+)
+
+_OPTIONS += (
     _Option(
-        "idle_unload",
-        _seconds("idle unload"),
-        "Unload a model once it has been idle (no request, no stream) for this many seconds; "
-        "its next request loads it again. 0 keeps models loaded.",
-        "SECONDS",
-        "0 (never)",
+        "temperature",
+        _number("temperature", 0.0, 2.0),
+        "Sampling temperature for requests that send none (0: greedy). Overrides the "
+        "model's generation_config.json.",
+        "T",
+        "the model's generation_config.json, else 1 (SmolLM2 default model: 0.2)",
+    ),
+    _Option(
+        "top_p",
+        _number("top p", 0.0, 1.0, open_low=True),
+        "Nucleus sampling for requests that send no top_p. Overrides the model's "
+        "generation_config.json.",
+        "P",
+        "the model's generation_config.json, else 1 (SmolLM2 default model: 0.9)",
+    ),
+    _Option(
+        "top_k",
+        _at_least(0, "top k"),
+        "Sample among the K likeliest tokens for requests that send no top_k (0: off). "
+        "Overrides the model's generation_config.json.",
+        "K",
+        "the model's generation_config.json, else 0",
+    ),
+    _Option(
+        "min_p",
+        _number("min p", 0.0, 1.0),
+        "Drop tokens less likely than MIN_P times the likeliest, for requests that send "
+        "no min_p. Overrides the model's generation_config.json.",
+        "MIN_P",
+        "the model's generation_config.json, else 0",
     ),
 )
 

@@ -55,6 +55,7 @@ def greedy_tokens(model_dir: Path, n: int = 12) -> tuple[list[int], list[int]]:
     return ours, ref
 
 
+@pytest.mark.slow  # runs long: several seconds of CPU
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_dir(tmp_path: Path, dtype: str) -> None:
     model, config = build_tiny_model(tmp_path / "m32")
@@ -64,6 +65,7 @@ def test_half_precision_dir(tmp_path: Path, dtype: str) -> None:
     assert ours == ref
 
 
+@pytest.mark.slow  # runs long: several seconds of CPU
 def test_quantized_dir(tmp_path: Path) -> None:
     model, config = build_tiny_model(tmp_path / "m32")
     model, config = quantize_model(model, config, group_size=32, bits=4)
@@ -89,6 +91,7 @@ def hf_cache_layout(cache: Path, repo_id: str, src: Path) -> Path:
     return repo_dir
 
 
+@pytest.mark.slow  # starts a process
 def test_hub_repo_id_served_from_local_cache_offline(tmp_path: Path) -> None:
     build_tiny_model(tmp_path / "src")
     cache = tmp_path / "hub"
@@ -143,16 +146,20 @@ def start_fails(args: list[str], tmp_path: Path, env: dict[str, str] | None = No
     return proc.stderr
 
 
+@pytest.mark.slow  # starts a process
 def test_missing_path_fails_clearly(tmp_path: Path) -> None:
     err = start_fails(["--model", str(tmp_path / "nope")], tmp_path)
     assert "does not exist" in err and "nope" in err
 
 
+@pytest.mark.slow  # starts a process
 def test_unknown_repo_fails_clearly(tmp_path: Path) -> None:
     err = start_fails(["--model", "no-such-org/no-such-model"], tmp_path)
     assert "no-such-org/no-such-model" in err
 
 
+@pytest.mark.slow  # starts a process
+@pytest.mark.slow  # starts a process
 def test_model_type_mlx_lm_cannot_run_is_refused_at_start(tmp_path: Path) -> None:
     build_tiny_model(tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
@@ -170,6 +177,7 @@ def test_model_type_mlx_lm_cannot_run_is_refused_at_start(tmp_path: Path) -> Non
         load(str(tmp_path / "m"))
 
 
+@pytest.mark.slow  # starts a process
 def test_corrupt_files_fail_clearly(tmp_path: Path) -> None:
     bad_gguf = tmp_path / "bad.gguf"
     bad_gguf.write_bytes(b"GGUF" + b"\x00garbage" * 100)

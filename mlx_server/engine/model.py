@@ -10,7 +10,7 @@ import importlib.util
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import ModelLoadError
+from . import model_info
 from .chat_template import ChatTemplate
 from .cpu import Policy, prepare_for_device
 from .memory import check_fits, weights_bytes
+from .model_info import ModelInfo
 from .tokenizer import Tokenizer, load_hf_tokenizer
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,12 @@ class LoadedModel:
     source: str
     device_note: str = ""
     weights_bytes: int = 0  # the parameters as they sit in memory, after prepare_for_device
+    # Sampling settings for requests that omit them: the model's generation_config.json (or
+    # GGUF metadata, or our choice for the bundled default model) with the server's sampling
+    # flags merged over it; only the keys given (see `engine.model_info`).
+    sampling_defaults: dict[str, float] = attrs.field(factory=dict)
+    # What /v1/models reports; set by `load`.
+    info: ModelInfo | None = None
 
 
 def default_model_path() -> Path:
@@ -103,6 +111,7 @@ def load(
     served_name: str | None = None,
     cpu_dequantize: Policy = "never",
     shard: Callable[[nn.Module, dict[str, Any]], str] | None = None,
+    sampling_overrides: Mapping[str, float] | None = None,
 ) -> LoadedModel:
     """Load the model a user configured (None: the bundled default), then prepare its weights
     for the device (see `engine.cpu`: float32 on a CPU with a fast BLAS).
@@ -110,8 +119,14 @@ def load(
     `shard` (distributed serving) keeps only this rank's part of the model and returns a note
     on what it did. The weights are then loaded lazily, so a rank reads only the weights of its
     own part (a model that fits no single machine can load), and the whole model's size is not
-    checked against this machine's memory."""
+    checked against this machine's memory.
+
+    `sampling_overrides` (the server's `--temperature`, `--top-p`, `--top-k`, `--min-p`) are
+    merged over the model's own sampling defaults."""
     loaded = _load(spec, served_name, lazy=shard is not None)
+    loaded.sampling_defaults = {**loaded.sampling_defaults, **(sampling_overrides or {})}
+    if loaded.sampling_defaults:
+        log.info("%s: sampling defaults %s", loaded.name, loaded.sampling_defaults)
     note = shard(loaded.model, loaded.config) if shard is not None else ""
     loaded.device_note = prepare_for_device(loaded.model, cpu_dequantize)
     if note:
@@ -126,7 +141,13 @@ def _load(spec: str | None, served_name: str | None, *, lazy: bool = False) -> L
     name = served_name or model_name_for(spec)
     if spec is None:
         path = default_model_path()
-        return _load_gguf(path, name, source=f"default ({path})")
+        loaded = _load_gguf(path, name, source=f"default ({path})")
+        # The bundled model's file carries no sampling advice: ours (see model_info).
+        loaded.sampling_defaults = {
+            **model_info.DEFAULT_MODEL_SAMPLING,
+            **loaded.sampling_defaults,
+        }
+        return loaded
     precheck(spec)
     path = Path(spec).expanduser()
     if path.exists():
@@ -238,18 +259,53 @@ def _load_mlx_dir(model_dir: Path, name: str, *, source: str, lazy: bool = False
     template = ChatTemplate(
         tokenizer.chat_template, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token
     )
-    return LoadedModel(
+    loaded = LoadedModel(
         name=name, model=model, tokenizer=tokenizer, template=template, config=config, source=source
     )
+    loaded.sampling_defaults = model_info.sampling_from_dir(model_dir)
+    _finish(
+        loaded,
+        quantization=model_info.mlx_quantization(config),
+        size_bytes=model_info.files_size(model_dir),
+    )
+    return loaded
 
 
 def _load_gguf(path: Path, name: str, *, source: str) -> LoadedModel:
-    from .gguf import load_gguf
+    from .gguf import _read_header, load_gguf
 
     model, tokenizer, config = load_gguf(path)
     template = ChatTemplate(
         tokenizer.chat_template, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token
     )
-    return LoadedModel(
+    loaded = LoadedModel(
         name=name, model=model, tokenizer=tokenizer, template=template, config=config, source=source
+    )
+    meta = _read_header(path).values
+    loaded.sampling_defaults = model_info.sampling_from_gguf(meta, str(path))
+    _finish(
+        loaded,
+        quantization=model_info.gguf_quantization(meta),
+        size_bytes=path.stat().st_size,
+    )
+    return loaded
+
+
+def _finish(
+    loaded: LoadedModel, *, quantization: model_info.Quantization | None, size_bytes: int
+) -> None:
+    """Every turn marker of the template ends a generation; the metadata /v1/models shows."""
+    tok, template = loaded.tokenizer, loaded.template
+    tok.eos_token_ids = tok.eos_token_ids | model_info.end_of_turn_ids(tok, template.source)
+    if "<|channel|>" in template.source:  # Harmony: <|end|> separates messages of one turn
+        tok.eos_token_ids -= model_info.harmony_inner_ids(tok)
+    source = template.source
+    loaded.info = ModelInfo(
+        model_type=loaded.config.get("model_type"),
+        context_length=model_info.context_length(loaded.config),
+        tools=True,  # by the template itself or by the generic tool prompt
+        tool_fallback=template.tool_fallback,
+        reasoning="<think>" in source or "</think>" in source or "<|channel|>" in source,
+        quantization=quantization,
+        size_bytes=size_bytes,
     )
