@@ -60,6 +60,7 @@ class Settings:
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
+    idle_unload: float = 0.0
     # The second and later `--model` values (several models in one server).
     more_models: tuple[str, ...] = ()
 
@@ -422,6 +423,14 @@ _OPTIONS: tuple[_Option, ...] = (
         "it counts as dead (the server then ends its requests with an error and exits).",
         "SECONDS",
         "15",
+    ),
+    _Option(
+        "idle_unload",
+        _seconds("idle unload"),
+        "Unload a model once it has been idle (no request, no stream) for this many seconds; "
+        "its next request loads it again. 0 keeps models loaded.",
+        "SECONDS",
+        "0 (never)",
     ),
 )
 
