@@ -81,7 +81,7 @@ def scripts_for(family: str) -> list[Script]:
     call = CALLS[family]
     forced = CALLS[family].replace("Paris", "Rome").replace(', "days": 2', "")
     forced = forced.replace("<parameter=days>\n2\n</parameter>\n", "")
-    if family in ("hermes", "llama3"):  # enforced by a grammar, which generates compact JSON
+    if family in ("hermes", "llama3", "mistral"):  # a grammar's JSON is compact
         forced = forced.replace(": ", ":").replace(", ", ",")
     return [
         Script(when=RESULT_SEEN[family], text=ANSWER, chunk="char"),

@@ -48,7 +48,7 @@ async def prepare(model: ModelPort, request: Request) -> Prepared:
             raise InvalidRequest(
                 f"'logit_bias' token id {token} is out of range", param="logit_bias"
             )
-    tool_plan = plan(model.output_format, request)
+    tool_plan = plan(model.output_format, request, model.special_markers)
     await model.check_constraint(request.constraint, param=request.constraint_param)
     # A required / named tool call is a grammar too; it takes the place of response_format.
     constraint = await enforce(model, tool_plan) or request.constraint

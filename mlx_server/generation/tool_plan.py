@@ -2,14 +2,12 @@
 the `OutputSpec` the stream layer parses with, a forced call's prefill or grammar, and template
 kwargs such as `enable_thinking`.
 
-A required call ("required" / a named function; Anthropic's "any" / "tool") is enforced:
-
-- for the JSON families (Hermes, Llama 3) by constrained decoding: a grammar that admits exactly
-  one call of an allowed function, its arguments valid against the function's parameter schema
-  (a schema the engine cannot enforce falls back to "any JSON object" for the arguments);
-- for the others (Qwen3-Coder XML, Mistral) by prefilling the assistant turn with the start of
-  the family's markup (for a named function, up to its arguments); the parser reads the prefill
-  first.
+A required call ("required" / a named function; Anthropic's "any" / "tool") is enforced by
+constrained decoding, in every family: a grammar (`call_grammar`) that admits exactly one call
+of an allowed function in the family's markup, the name chosen by the grammar, the arguments
+compact and valid against the function's parameter schema (a schema the engine cannot enforce
+falls back to "any JSON object" for the arguments). A family without a grammar would get the
+start of its markup as a prefill instead (the parser reads the prefill first).
 
 "none" leaves the tools out of the template and parses no calls.
 """
@@ -25,6 +23,7 @@ import attrs
 from ..errors import InvalidRequest
 from ..messages import ConstraintSpec, OutputSpec, ToolSpec
 from ..tools.detect import OutputFormat
+from .call_grammar import call_grammar
 from .port import ModelPort
 from .request import Request
 
@@ -43,8 +42,9 @@ class Plan:
     loose_constraint: ConstraintSpec | None = None  # arguments: any JSON object
 
 
-def plan(fmt: OutputFormat, request: Request) -> Plan:
-    """What to render and how to read the output, for this model and request."""
+def plan(fmt: OutputFormat, request: Request, special: Mapping[str, int] | None = None) -> Plan:
+    """What to render and how to read the output, for this model and request (`special`: the
+    family's markers that are single special tokens, `ModelPort.special_markers`)."""
     # The renderer's own arguments cannot be overridden from a request.
     kwargs = {k: v for k, v in request.template_kwargs.items() if k not in _RESERVED_KWARGS}
     if request.enable_thinking is not None:
@@ -59,8 +59,8 @@ def plan(fmt: OutputFormat, request: Request) -> Plan:
     if choice.mode == "required":
         if fmt.reasoning:
             kwargs["enable_thinking"] = False  # the call comes at once
-        constraint = call_grammar(fmt, request.tools, choice.name)
-        loose = call_grammar(fmt, request.tools, choice.name, loose=True)
+        constraint = call_grammar(fmt, request.tools, choice.name, special=special)
+        loose = call_grammar(fmt, request.tools, choice.name, loose=True, special=special)
         if constraint is None:
             prefill = fmt.forced_prefill(choice.name)
     output = OutputSpec(
@@ -77,40 +77,6 @@ def plan(fmt: OutputFormat, request: Request) -> Plan:
         constraint=constraint,
         loose_constraint=loose,
     )
-
-
-def call_grammar(
-    fmt: OutputFormat, tools: tuple[ToolSpec, ...], name: str | None, *, loose: bool = False
-) -> ConstraintSpec | None:
-    """A grammar for exactly one call in the family's markup (JSON families only)."""
-    if fmt.tool_family not in ("hermes", "llama3"):
-        return None
-    key = "arguments" if fmt.tool_family == "hermes" else "parameters"
-    schemas = []
-    for tool in tools:
-        if tool.raw is not None or (name is not None and tool.name != name):
-            continue
-        params: Mapping[str, Any] = {"type": "object"} if loose else tool.parameters
-        schemas.append(
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"const": tool.name},
-                    key: dict(params or {"type": "object"}),
-                },
-                "required": ["name", key],
-                "additionalProperties": False,
-            }
-        )
-    if not schemas:
-        return None
-    schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
-    call = "%json " + json.dumps(schema)
-    # A template that opened <think> in the prompt: the call may close it first.
-    think = '"</think>\\n\\n"? ' if fmt.reasoning else ""
-    if fmt.tool_family == "hermes":
-        return ConstraintSpec.lark(f'start: {think}"<tool_call>\\n" {call} "\\n</tool_call>"')
-    return ConstraintSpec.lark(f"start: {think}{call}")
 
 
 async def enforce(model: ModelPort, tool_plan: Plan) -> ConstraintSpec | None:

@@ -1,0 +1,201 @@
+"""Forced tool calls always complete: with `tool_choice` required / named (Anthropic "any" /
+"tool") the call is generated under the family's call grammar (`generation.call_grammar`).
+
+A random-weight tiny model sampled at temperature 1 under each family's grammar must write a
+call that the family's own parser reads, of an allowed function, with arguments that validate
+against the function's schema (jsonschema), for several seeds. The grammar's JSON is compact
+(no whitespace after `{`), names are alternatives of the grammar, and special-token markup is
+matched as the token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import pytest
+
+from mlx_server.engine import constrain
+from mlx_server.engine.batch import BatchEngine
+from mlx_server.engine.model import LoadedModel, load
+from mlx_server.generation import Request, ToolChoice
+from mlx_server.generation.call_grammar import FAMILIES, call_grammar
+from mlx_server.generation.tool_plan import plan
+from mlx_server.messages import (
+    Admit,
+    ChatMessage,
+    GenerationRequest,
+    OutputSpec,
+    SamplingParams,
+    SequenceFinished,
+    TokenOut,
+    ToolCallArgsDelta,
+    ToolCallStart,
+    ToolSpec,
+)
+from mlx_server.testing.tiny import build_tiny_model, default_tokenizer
+from mlx_server.tools.detect import OutputFormat
+from mlx_server.tools.output import OutputParser
+
+# Strings bounded, as a tiny random model never chooses to close one on its own; the second
+# tool leaves `additionalProperties` unsaid (the call grammar closes it).
+WEATHER: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "minLength": 1, "maxLength": 12},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "alerts": {"type": "boolean"},
+    },
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+TIME: dict[str, Any] = {
+    "type": "object",
+    "properties": {"zone": {"type": "string", "maxLength": 8}},
+    "required": ["zone"],
+}
+TOOLS = (
+    ToolSpec(name="get_weather", description="Weather forecast", parameters=WEATHER),
+    ToolSpec(name="get_time", parameters=TIME),
+)
+SCHEMAS = {t.name: dict(t.parameters) for t in TOOLS}
+SEEDS = 4
+
+
+def family_format(family: str) -> OutputFormat:
+    """`mistral` in its `[TOOL_CALLS]NAME[ARGS]{...}` form, `mistral-array` in the older one."""
+    if family == "mistral-array":
+        return OutputFormat(tool_family="mistral", reasoning=False)
+    return OutputFormat(tool_family=family, reasoning=False, mistral_args=family == "mistral")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    path: Path = tmp_path_factory.mktemp("forced") / "tiny-llama"
+    build_tiny_model(path, "llama")
+    return load(str(path))
+
+
+def sample(loaded: LoadedModel, spec: Any, seeds: int) -> list[tuple[str, str]]:
+    """`seeds` generations at temperature 1 under `spec`: (text, finish reason) each."""
+    tok = loaded.tokenizer
+    engine = BatchEngine(
+        loaded.model, eos_token_ids=tok.eos_token_ids, vocab_size=tok.vocab_size, tokenizer=tok
+    )
+    prompt = tuple(tok.encode("Call one of the tools."))
+    ids: dict[str, list[int]] = {}
+    reasons: dict[str, str] = {}
+    for seed in range(seeds):
+        sampling = SamplingParams(temperature=1.0, seed=seed)
+        request = GenerationRequest(
+            request_id=str(seed), prompt_ids=prompt, sampling=sampling, max_tokens=400,
+            constraint=spec,
+        )  # fmt: skip
+        ids[str(seed)] = []
+        engine.admit(Admit(request=request))
+    while engine.has_work:
+        for ev in engine.step():
+            if isinstance(ev, TokenOut):
+                ids[ev.request_id].append(ev.token_id)
+            elif isinstance(ev, SequenceFinished):
+                reasons[ev.request_id] = ev.finish_reason
+    return [(tok.decode(ids[k], skip_special_tokens=False), reasons[k]) for k in sorted(ids)]
+
+
+def parse_calls(fmt: OutputFormat, text: str) -> list[tuple[str, str]]:
+    tools_json = json.dumps([t.template_json() for t in TOOLS])
+    parser = OutputParser(fmt, OutputSpec(tools_json=tools_json))
+    events = parser.feed(text) + parser.finish()
+    names = [e.name for e in events if isinstance(e, ToolCallStart)]
+    args = [e.arguments for e in events if isinstance(e, ToolCallArgsDelta)]
+    return list(zip(names, args, strict=True))
+
+
+@pytest.mark.parametrize("name", [None, "get_weather"], ids=["any", "named"])
+@pytest.mark.parametrize("family", [*FAMILIES, "mistral-array"])
+def test_sampled_forced_calls_parse_and_validate(
+    tiny: LoadedModel, family: str, name: str | None
+) -> None:
+    fmt = family_format(family)
+    spec = call_grammar(fmt, TOOLS, name)
+    assert spec is not None
+    for text, reason in sample(tiny, spec, SEEDS):
+        assert reason == "stop", (family, text[:200])  # the grammar closed the call
+        calls = parse_calls(fmt, text)
+        assert len(calls) == 1, (family, text)
+        called, arguments = calls[0]
+        assert called in (name,) if name else called in SCHEMAS
+        jsonschema.validate(json.loads(arguments), SCHEMAS[called])
+
+
+def test_every_detected_family_has_a_grammar() -> None:
+    """No family falls back to a prefill with an unconstrained name."""
+    request = Request(
+        id="r",
+        chat=(ChatMessage(role="user", content="hi"),),
+        tools=TOOLS,
+        tool_choice=ToolChoice(mode="required"),
+    )
+    from mlx_server.tools.parsers import PARSERS
+
+    for family in {*PARSERS, "harmony"}:
+        p = plan(family_format(family), request)
+        assert p.constraint is not None and p.prefill == "", family
+        assert p.loose_constraint is not None
+
+
+def allowed(c: constrain.Constraint, width: int) -> set[int]:
+    return set(np.flatnonzero(c.allowed(width)).tolist())
+
+
+def test_json_inside_the_call_is_compact() -> None:
+    """After `{` only a key may come: none of the whitespace tokens the flexible default
+    allowed (160 of 166 of them, so a sampled call could pad until `max_tokens`)."""
+    tok = default_tokenizer()
+    for family in ("hermes", "llama3", "kimi_k2", "harmony", "mistral"):
+        spec = call_grammar(family_format(family), TOOLS, "get_time")
+        assert spec is not None
+        c = constrain.start(spec, tok)
+        text = {
+            "hermes": '<tool_call>\n{"name":"get_time","arguments":{',
+            "llama3": '{"name":"get_time","parameters":{',
+            "kimi_k2": "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_time:0"
+            "<|tool_call_argument_begin|>{",
+            "harmony": "<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{",
+            "mistral": "[TOOL_CALLS]get_time[ARGS]{",
+        }[family]
+        for t in tok.encode(text):
+            assert c.advance(t), (family, text)
+        after = allowed(c, tok.vocab_size)
+        assert {tok.decode([t]) for t in after} == {'"'}, family
+
+
+def test_loose_grammar_keeps_names_and_markup() -> None:
+    tok = default_tokenizer()
+    for family in FAMILIES:
+        spec = call_grammar(family_format(family), TOOLS, "get_time", loose=True)
+        assert spec is not None
+        constrain.check(spec, tok)
+        assert "get_time" in spec.source and "get_weather" not in spec.source
+
+
+def test_special_token_markup_is_matched_as_the_token() -> None:
+    """A marker the tokenizer holds as one special token is that token in the grammar (here
+    SmolLM2's `<|im_start|>` plays Mistral's `[TOOL_CALLS]`)."""
+    tok = default_tokenizer()
+    special = tok.token_to_id("<|im_start|>")
+    assert special is not None
+    spec = call_grammar(family_format("mistral"), TOOLS, None, special={"[TOOL_CALLS]": special})
+    assert spec is not None and f"<[{special}]>" in spec.source
+    c = constrain.start(spec, tok)
+    assert allowed(c, tok.vocab_size) == {special}
+
+
+def test_no_allowed_function_means_no_grammar() -> None:
+    server_tool = ToolSpec(name="web_search", raw={"type": "web_search_20250305"})
+    assert call_grammar(family_format("hermes"), (server_tool,), None) is None
+    assert call_grammar(family_format("hermes"), TOOLS, "missing") is None
