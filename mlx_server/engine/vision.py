@@ -35,14 +35,35 @@ from .images import DecodedImage, ImageError
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-_QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-_IMAGE_PLACEHOLDERS = {"qwen2_vl": _QWEN_IMAGE, "qwen2_5_vl": _QWEN_IMAGE, "qwen3_vl": _QWEN_IMAGE}
 
-SUPPORTED_TYPES = frozenset(_IMAGE_PLACEHOLDERS)
-"""mlx-vlm model types this module runs: the Qwen-VL scheme (one image-pad token per merged
-patch group, multimodal RoPE; Qwen3-VL adds "deepstack" features into early layers)."""
+@attrs.frozen
+class _Family:
+    placeholder: str
+    """What the chat template writes where an image goes."""
+    marker: str
+    """The part of it that occurs exactly once per image (counted to match images)."""
+    mrope: bool
+    """Multimodal RoPE: positions are not cache offsets and travel with the prompt."""
 
-_POSITION_FIELDS = ("inputs_embeds", "position_ids", "rope_deltas")
+
+_QWEN = _Family("<|vision_start|><|image_pad|><|vision_end|>", "<|image_pad|>", mrope=True)
+_FAMILIES = {
+    # One image-pad token per merged 2x2 patch group, sizes follow the image; multimodal RoPE.
+    # Qwen3-VL adds "deepstack" features into the first layers at the image positions.
+    "qwen2_vl": _QWEN,
+    "qwen2_5_vl": _QWEN,
+    "qwen3_vl": _QWEN,
+    # A fixed number of soft tokens per image (256 in the real models), plain RoPE, sliding-
+    # window layers (rotating caches) between global ones.
+    "gemma3": _Family("<start_of_image>", "<start_of_image>", mrope=False),
+}
+
+SUPPORTED_TYPES = frozenset(_FAMILIES)
+"""mlx-vlm model types this module runs."""
+
+_NOT_FORWARDED = ("inputs_embeds", "position_ids", "rope_deltas", "attention_mask_4d")
+"""Embedding outputs not passed on as language-model inputs: the first three are handled
+explicitly; Gemma 3's (L x L) mask is not read by mlx-vlm's language model at all."""
 
 
 def is_vision_config(config: Mapping[str, Any]) -> bool:
@@ -81,6 +102,9 @@ class VisionModel:
     image_token_id: int
     image_placeholder: str
     """The text a prompt carries where one image goes (the chat template emits it)."""
+    image_marker: str
+    """The part of the placeholder that occurs once per image."""
+    mrope: bool
     eos_token_ids: tuple[int, ...]
 
     @property
@@ -96,10 +120,24 @@ class VisionModel:
         return len(self.language_model.layers)
 
     def make_cache(self) -> list[Any]:
-        """A fresh single-sequence mlx-lm KV cache, one per layer."""
-        from mlx_lm.models.cache import KVCache
+        """A fresh single-sequence mlx-lm cache, one per layer, of the kinds the language
+        model asks for (full `KVCache`, or `RotatingKVCache` for sliding-window layers), so
+        the engine's cache handling (merging into batches, prefix reuse) applies unchanged."""
+        from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-        return [KVCache() for _ in range(self.num_layers)]
+        own = getattr(self.language_model, "make_cache", None)
+        if own is None:
+            return [KVCache() for _ in range(self.num_layers)]
+        caches: list[Any] = []
+        for c in own():
+            kind = type(c).__name__
+            if kind == "KVCache":
+                caches.append(KVCache())
+            elif kind == "RotatingKVCache":
+                caches.append(RotatingKVCache(max_size=c.max_size, keep=c.keep))
+            else:
+                raise ModelLoadError(f"vision model cache kind {kind} is not supported")
+        return caches
 
 
 def load_vision_model(model_dir: Path, *, max_image_pixels: int | None = None) -> VisionModel:
@@ -138,14 +176,19 @@ def load_vision_model(model_dir: Path, *, max_image_pixels: int | None = None) -
     tok_eos = getattr(processor.tokenizer, "eos_token_id", None)
     if tok_eos is not None and tok_eos not in eos_ids:
         eos_ids = (*eos_ids, int(tok_eos))
-    return VisionModel(
+    family = _FAMILIES[model_type]
+    vm = VisionModel(
         model=model,
         processor=processor,
         model_type=model_type,
         image_token_id=image_token_id,
-        image_placeholder=_IMAGE_PLACEHOLDERS[model_type],
+        image_placeholder=family.placeholder,
+        image_marker=family.marker,
+        mrope=family.mrope,
         eos_token_ids=eos_ids,
     )
+    vm.make_cache()  # refuses cache kinds we cannot hold now, not at the first request
+    return vm
 
 
 @attrs.frozen(kw_only=True)
@@ -163,8 +206,8 @@ class VisionPrompt:
     start: int
     embeddings: mx.array = attrs.field(eq=False, repr=False)
     """(1, len(input_ids) - start, hidden) input embeddings, image features merged in."""
-    position_ids: mx.array = attrs.field(eq=False, repr=False)
-    """(3, 1, len(input_ids) - start) multimodal RoPE positions."""
+    position_ids: mx.array | None = attrs.field(eq=False, repr=False)
+    """(3, 1, len(input_ids) - start) multimodal RoPE positions (None: plain RoPE)."""
     rope_delta: int
     """Position of the next token minus its index: decoding positions are offset + rope_delta."""
     extra: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
@@ -196,18 +239,12 @@ def prepare_vision_prompt(
     and, unless every image token lies inside the first `start` (cached) tokens, the vision
     encoder; merge the image features into the embeddings. MLX work: executor thread only.
 
-    `prompt` must hold exactly one `vm.image_placeholder` per image."""
+    `prompt` must hold exactly one `vm.image_placeholder` (`vm.image_marker`) per image."""
     from mlx_vlm.utils import prepare_inputs, should_add_special_tokens
 
     pictures = [im.image if isinstance(im, DecodedImage) else im for im in images]
     digests = tuple(im.digest if isinstance(im, DecodedImage) else _digest(im) for im in images)
-    pad = vm.tokenizer.convert_ids_to_tokens(vm.image_token_id)
-    found = prompt.count(pad)
-    if found != len(pictures):
-        raise InvalidRequest(
-            f"the prompt has {found} image placeholder(s) for {len(pictures)} image(s)",
-            code="image_count_mismatch",
-        )
+    _check_placeholders(vm, prompt, len(pictures))
     try:
         inputs = prepare_inputs(
             vm.processor,
@@ -232,23 +269,34 @@ def prepare_vision_prompt(
     image_positions = [i for i, t in enumerate(ids) if t == vm.image_token_id]
     pixel_values = inputs.get("pixel_values")
     lm: Any = vm.language_model
+    position_ids: Any = None
+    deltas: Any = None
     if pictures and image_positions and image_positions[-1] >= start:
         out = vm.model.get_input_embeddings(input_ids, pixel_values, mask=mask, **extra)
         embeddings = out.inputs_embeds[:, start:]
         position_ids, deltas = out.position_ids, out.rope_deltas
         features = {
-            k: v for k, v in out.to_dict().items() if k not in _POSITION_FIELDS and v is not None
+            k: v for k, v in out.to_dict().items() if k not in _NOT_FORWARDED and v is not None
         }
     else:
         # Every image is in the cached prefix (or there is none): no encoder run; the
         # positions still come from the whole prompt's image grid.
         embeddings = lm.model.embed_tokens(input_ids[:, start:])
-        position_ids, deltas = lm.get_rope_index(input_ids, extra.get("image_grid_thw"), None, mask)
+        if vm.mrope:
+            position_ids, deltas = lm.get_rope_index(
+                input_ids, extra.get("image_grid_thw"), None, mask
+            )
         features = {}
-    if position_ids.ndim == 2:
-        position_ids = mx.broadcast_to(position_ids[None], (3, *position_ids.shape))
-    position_ids = position_ids[..., start:]
-    mx.eval(embeddings, position_ids, deltas)
+    rope_delta = 0
+    if vm.mrope:
+        if position_ids.ndim == 2:
+            position_ids = mx.broadcast_to(position_ids[None], (3, *position_ids.shape))
+        position_ids = position_ids[..., start:]
+        mx.eval(deltas)
+        rope_delta = _ints(deltas.reshape(-1))[0]
+    else:
+        position_ids = None
+    mx.eval(embeddings, *([] if position_ids is None else [position_ids]))
     return VisionPrompt(
         input_ids=tuple(ids),
         cache_key=image_cache_key(ids, vm.image_token_id, digests),
@@ -257,7 +305,7 @@ def prepare_vision_prompt(
         start=start,
         embeddings=embeddings,
         position_ids=position_ids,
-        rope_delta=_ints(deltas.reshape(-1))[0],
+        rope_delta=rope_delta,
         extra=features,
     )
 
@@ -290,6 +338,9 @@ def count_image_tokens(vm: VisionModel, width: int, height: int) -> int:
     """How many tokens one width x height image becomes (the processor's sizing, no pixels)."""
     from mlx_vlm.utils import estimate_num_image_tokens
 
+    fixed = getattr(vm.processor, "image_seq_length", None)
+    if isinstance(fixed, int):
+        return fixed  # a fixed-resolution encoder (Gemma 3): every image alike
     try:
         return estimate_num_image_tokens(vm.processor, height, width)
     except ValueError as e:
@@ -301,16 +352,29 @@ def count_prompt_tokens(vm: VisionModel, prompt: str, sizes: Sequence[tuple[int,
     (width, height) sizes, without decoding pixels or running the encoder (count_tokens)."""
     from mlx_vlm.utils import should_add_special_tokens
 
+    _check_placeholders(vm, prompt, len(sizes))
+    # Expand each image's marker as the processor does, then tokenize the result.
+    fixed = getattr(vm.processor, "full_image_sequence", None)
+    pieces = prompt.split(vm.image_marker)
+    text = pieces[0]
+    for (w, h), piece in zip(sizes, pieces[1:], strict=True):
+        expanded = (
+            fixed if isinstance(fixed, str) else vm.image_marker * count_image_tokens(vm, w, h)
+        )
+        text += expanded + piece
     ids = vm.tokenizer(
-        prompt, add_special_tokens=should_add_special_tokens(vm.model_type, vm.processor)
+        text, add_special_tokens=should_add_special_tokens(vm.model_type, vm.processor)
     ).input_ids
-    placeholders = sum(1 for t in ids if t == vm.image_token_id)
-    if placeholders != len(sizes):
+    return len(ids)
+
+
+def _check_placeholders(vm: VisionModel, prompt: str, images: int) -> None:
+    found = prompt.count(vm.image_marker)
+    if found != images:
         raise InvalidRequest(
-            f"the prompt has {placeholders} image placeholder(s) for {len(sizes)} image(s)",
+            f"the prompt has {found} image placeholder(s) for {images} image(s)",
             code="image_count_mismatch",
         )
-    return len(ids) - placeholders + sum(count_image_tokens(vm, w, h) for w, h in sizes)
 
 
 def forward(
@@ -325,7 +389,11 @@ def forward(
 ) -> mx.array:
     """One language-model pass over (B, L) `inputs` (or their `embeddings`) extending
     `cache`; returns logits (B, L, vocab). Positions: `position_ids` if given, otherwise each
-    row's cache offset + its rope delta (0 for text rows)."""
+    row's cache offset + its rope delta (0 for text rows); plain-RoPE models take them from
+    the cache themselves."""
+    if not vm.mrope:
+        out = vm.language_model(inputs, inputs_embeds=embeddings, cache=cache, **(extra or {}))
+        return out.logits
     if position_ids is None:
         batch, length = inputs.shape
         offset = cache[0].offset
@@ -350,6 +418,9 @@ class LanguageModelView:
     def __init__(self, vm: VisionModel) -> None:
         self.vm = vm
         self.layers = vm.language_model.layers
+
+    def make_cache(self) -> list[Any]:
+        return self.vm.make_cache()
 
     def __call__(
         self,
@@ -384,7 +455,7 @@ def prefill(vm: VisionModel, vp: VisionPrompt, cache: list[Any], *, chunk: int =
             ids[:, done : done + chunk],
             cache,
             embeddings=vp.embeddings[:, done : done + chunk],
-            position_ids=vp.position_ids[..., done : done + chunk],
+            position_ids=_cut(vp.position_ids, done, done + chunk),
             extra=vp.extra,
         )
         mx.eval([c.state for c in cache])
@@ -394,7 +465,7 @@ def prefill(vm: VisionModel, vp: VisionPrompt, cache: list[Any], *, chunk: int =
         ids[:, done:],
         cache,
         embeddings=vp.embeddings[:, done:],
-        position_ids=vp.position_ids[..., done:],
+        position_ids=_cut(vp.position_ids, done, total),
         extra=vp.extra,
     )
     return logits[:, -1, :]
@@ -431,6 +502,10 @@ def generate_greedy(
             break
         logits = decode_step(vm, [token], cache, [vp.rope_delta])
     return out
+
+
+def _cut(position_ids: mx.array | None, a: int, b: int) -> mx.array | None:
+    return None if position_ids is None else position_ids[..., a:b]
 
 
 def _unprocessable(e: ValueError) -> ImageError:
