@@ -235,6 +235,34 @@ def test_text_rows_run_through_mlx_lm_code(vm: vision.VisionModel) -> None:
     assert got == expected
 
 
+def test_sliding_window_layers_past_their_window(tmp_path: Path) -> None:
+    """Gemma 3 with a 12-token window: prompts and answers longer than it rotate the
+    sliding-window layers' mlx-lm RotatingKVCache, alone and merged into a batch, and still
+    give mlx-vlm's tokens."""
+    path = tmp_path / "gemma3-window"
+    build_tiny_vlm(path, "gemma3", sliding_window=12)
+    vm = vision.load_vision_model(path)
+    assert {type(c).__name__ for c in vm.make_cache()} == {"KVCache", "RotatingKVCache"}
+    prompts = [
+        (_prompt(vm, "Please describe this picture in a few words.", 1), [WIDE]),
+        (_prompt(vm, "A text-only question that is longer than the window.", 0), []),
+    ]
+    prepared = [vision.prepare_vision_prompt(vm, p, ims) for p, ims in prompts]
+    solo = [vision.generate_greedy(vm, vp, MAX_TOKENS) for vp in prepared]
+    for (prompt, images), got in zip(prompts, solo, strict=True):
+        assert got == _mlx_vlm_greedy(vm, prompt, images)
+    caches = [vm.make_cache() for _ in prepared]
+    outs = [_argmax(vision.prefill(vm, vp, c)) for vp, c in zip(prepared, caches, strict=True)]
+    batch = [layer[0].merge(list(layer)) for layer in zip(*caches, strict=True)]
+    for _ in range(MAX_TOKENS - 1):
+        logits = vision.decode_step(vm, [o[-1] for o in outs], batch, [0, 0])
+        for row, token in enumerate(_argmax(logits)):
+            outs[row].append(token)
+    for got, expected in zip(outs, solo, strict=True):
+        cut = next((i for i, t in enumerate(got) if t in vm.eos_token_ids), len(got))
+        assert got[:cut] == expected
+
+
 def test_cache_key_marks_image_tokens_by_content() -> None:
     ids = [1, 9, 9, 2, 9, 9, 9, 3]
     key = vision.image_cache_key(ids, 9, ["ab" * 32, "cd" * 32])

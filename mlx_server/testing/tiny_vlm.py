@@ -169,17 +169,19 @@ def build_tiny_vlm(
     seed: int = 0,
     scale: float | None = None,
     max_pixels: int | None = None,
+    sliding_window: int = 512,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Create, save and return (model, config) of a tiny VLM of `model_type`. Qwen images are
     resized to at most `max_pixels` (default 8 x 8 patches: 16 image tokens); Gemma 3 images
-    are always 28 x 28 pixels, 4 image tokens."""
+    are always 28 x 28 pixels, 4 image tokens; `sliding_window` is the window of Gemma 3's
+    local-attention layers (a small one makes short prompts rotate their caches)."""
     from mlx_vlm.utils import get_model_and_args, update_module_configs
 
     tokenizer = vision_tokenizer()
     tid = tokenizer.token_to_id
     text = {**_TEXT, "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True)}
     if model_type == "gemma3":
-        config = _gemma3_config(tokenizer, text)
+        config = _gemma3_config(tokenizer, text, sliding_window)
     else:
         config = {
             "model_type": model_type,
@@ -234,7 +236,9 @@ def build_tiny_vlm(
     return model, config
 
 
-def _gemma3_config(tokenizer: HFTokenizer, text: dict[str, Any]) -> dict[str, Any]:
+def _gemma3_config(
+    tokenizer: HFTokenizer, text: dict[str, Any], sliding_window: int
+) -> dict[str, Any]:
     """Gemma 3: a SigLIP encoder over 28 x 28 images (2 x 2 patches), its output pooled to
     `mm_tokens_per_image` soft tokens; a language model alternating sliding-window and global
     attention layers (plain RoPE: positions are cache offsets)."""
@@ -261,7 +265,7 @@ def _gemma3_config(tokenizer: HFTokenizer, text: dict[str, Any]) -> dict[str, An
             "query_pre_attn_scalar": 16,
             "rms_norm_eps": 1e-6,
             "vocab_size": text["vocab_size"],
-            "sliding_window": 512,
+            "sliding_window": sliding_window,
             "sliding_window_pattern": 2,
             "rope_global_base_freq": 1e6,
             "rope_local_base_freq": 1e4,
