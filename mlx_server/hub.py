@@ -24,6 +24,8 @@ from .errors import InvalidRequest, ModelLoadError
 MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 _PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _REPO_ID = re.compile(rf"^{_PART}/{_PART}$")
+# A branch, tag or commit; `refs/pr/N` has slashes. Never `..`, a leading or doubled slash.
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
 
 
 class BadRepoId(InvalidRequest):
@@ -36,6 +38,23 @@ def check_repo_id(value: object, *, param: str = "model") -> str:
         raise BadRepoId(
             f"{value!r} is not a Hugging Face repo id: expected 'owner/name' made of letters, "
             "digits, '.', '_' and '-'",
+            param=param,
+        )
+    return value
+
+
+def check_revision(value: object, *, param: str = "revision") -> str:
+    """`value` if it is a plausible branch, tag or commit name (the cache writes it as a file
+    under `refs/`, so nothing that could climb out of it); a 400 otherwise."""
+    if (
+        not isinstance(value, str)
+        or len(value) > 128
+        or not _REVISION.match(value)
+        or ".." in value
+    ):
+        raise InvalidRequest(
+            f"{value!r} is not a revision: expected a branch, tag or commit made of letters, "
+            "digits, '.', '_', '-' and single '/' separators",
             param=param,
         )
     return value
@@ -160,6 +179,8 @@ def pull(
     from huggingface_hub import errors as hf_errors
 
     check_repo_id(repo_id)
+    if revision is not None:
+        check_revision(revision)
     kwargs: dict[str, Any] = {"allow_patterns": MODEL_FILE_PATTERNS, "revision": revision}
     if root is not None:
         kwargs["cache_dir"] = root

@@ -9,6 +9,7 @@ from ..config import Settings
 from ..replay.record import TraceRecorder
 from . import openapi, web
 from .access import install_access_control
+from .admin import routes as admin_routes
 from .anthropic import routes as anthropic_routes
 from .cors import install_cors
 from .errors import install_error_handlers
@@ -37,6 +38,7 @@ def create_app(settings: Settings, server_state: ServerState) -> QuartTrio:
     app.register_blueprint(openai_routes.bp)
     app.register_blueprint(anthropic_routes.bp)
     app.register_blueprint(ollama_routes.bp)  # Ollama's API under /api
+    app.register_blueprint(admin_routes.bp)  # /admin/models*: load, unload, pull
     responses_routes.install(app, settings)
     app.register_blueprint(web.bp)  # the chat page at / (no key needed; its /v1 calls need one)
     install_error_handlers(app)

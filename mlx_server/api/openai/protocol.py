@@ -375,11 +375,24 @@ class Embeddings(Response):
     usage: EmbeddingUsage
 
 
+class ModelMetadata(Response):
+    """This server's extension of the model object (`GET /v1/models`)."""
+
+    state: Literal["loaded", "loading", "available"]
+    default: bool
+    aliases: list[str]
+    size_bytes: int
+    context_length: int | None
+    unload_in: float | None = Field(description="seconds until an idle unload (--idle-unload)")
+    load_error: str | None = None
+
+
 class ModelCard(Response):
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
+    metadata: ModelMetadata | None = None
 
 
 class ModelList(Response):

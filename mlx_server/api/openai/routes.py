@@ -6,7 +6,7 @@ from typing import Any
 
 from quart import Blueprint, Response
 
-from ...actors.pool import ModelSlot
+from ...actors.pool import ModelPool, ModelSlot
 from ...generation.prepare import check_length
 from .. import outcome
 from ..protocol import parse
@@ -58,13 +58,35 @@ async def embeddings() -> Response | dict[str, Any]:
 
 @bp.get("/v1/models")
 async def list_models() -> dict[str, Any]:
-    return {"object": "list", "data": [_model_json(slot) for slot in models().slots]}
+    pool = models()
+    return {"object": "list", "data": [model_json(slot, pool) for slot in pool.slots]}
 
 
 @bp.get("/v1/models/<path:model_id>")
 async def get_model(model_id: str) -> dict[str, Any]:
-    return _model_json(models().resolve(model_id))
+    pool = models()
+    return model_json(pool.resolve(model_id), pool)
 
 
-def _model_json(slot: ModelSlot) -> dict[str, Any]:
-    return {"id": slot.name, "object": "model", "created": slot.created, "owned_by": "mlx-server"}
+def model_json(slot: ModelSlot, pool: ModelPool) -> dict[str, Any]:
+    """OpenAI's model object, exactly, plus `metadata`: the model's state ("loaded", "loading",
+    "available": served, not in memory), size in bytes (estimated until loaded), context length
+    once loaded, seconds until an idle unload (`--idle-unload`), and the last load error."""
+    fe = slot.frontend
+    meta: dict[str, Any] = {
+        "state": slot.state,
+        "default": slot.default,
+        "aliases": list(slot.aliases),
+        "size_bytes": slot.size,
+        "context_length": fe.context_length if fe is not None else None,
+        "unload_in": pool.expires_in(slot),
+    }
+    if slot.load_error is not None and fe is None:
+        meta["load_error"] = str(slot.load_error)
+    return {
+        "id": slot.name,
+        "object": "model",
+        "created": slot.created,
+        "owned_by": "mlx-server",
+        "metadata": meta,
+    }
