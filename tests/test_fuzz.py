@@ -266,11 +266,14 @@ def test_every_route_is_documented_and_served(
     model = document["paths"]["/v1/models/{model_id}"]["get"]["parameters"][0]["schema"]["enum"][0]
     with httpx.Client(base_url=fuzz_server.base_url, headers=AUTH, timeout=30) as http:
         for method, path in sorted(documented):
-            url = path.replace("{model_id}", model)
+            url = path.replace("{model_id}", model).replace("{response_id}", "resp_missing")
             r = http.request(method, url, json={} if method == "POST" else None)
             # A documented route exists: the empty body is refused by the route itself (400
-            # naming a field), never a 404/405 from the router.
+            # naming a field), never a 404/405 from the router; an unknown stored response is
+            # the route's own 404.
             expected = 400 if method == "POST" else 200
+            if "{response_id}" in path:
+                expected = 404
             assert r.status_code == expected, (method, path, r.status_code, r.text)
             responses = document["paths"][path][method.lower()]["responses"]
             assert str(r.status_code) in responses, (method, path, r.status_code)

@@ -28,6 +28,7 @@ from ..config import Settings
 from .anthropic import protocol as anthropic
 from .openai import protocol as openai
 from .protocol import Response
+from .responses import protocol as responses
 from .state import state
 
 Schema = dict[str, Any]
@@ -64,6 +65,13 @@ MODELS: dict[str, tuple[type[pydantic.BaseModel], Literal["validation", "seriali
     "AnthropicTokenCount": (anthropic.TokenCount, "serialization"),
     "AnthropicError": (anthropic.AnthropicError, "serialization"),
     "Health": (Health, "serialization"),
+    "ResponsesRequest": (responses.ResponsesRequest, "validation"),
+    "ResponsesInputTokensRequest": (responses.InputTokensRequest, "validation"),
+    "ResponseObject": (responses.ResponseObject, "serialization"),
+    "ResponseEvent": (responses.ResponseEvent, "serialization"),
+    "ResponsesInputTokens": (responses.InputTokens, "serialization"),
+    "DeletedResponse": (responses.DeletedResponse, "serialization"),
+    "ResponseInputItemList": (responses.InputItemList, "serialization"),
     **{
         f"Anthropic_{name}": (model, "serialization")
         for name, model in anthropic.STREAM_EVENTS.items()
@@ -219,12 +227,24 @@ class _Builder:
 
     def components(self) -> Schema:
         schemas = _token_ids(_generated(), self.vocab_size)
-        for name in ("ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest"):
+        for name in (
+            "ChatCompletionRequest",
+            "CompletionRequest",
+            "EmbeddingRequest",
+            "ResponsesRequest",
+            "ResponsesInputTokensRequest",
+        ):
             schemas[name]["properties"]["model"] = self.model_name(required=False)
         for name in ("MessagesRequest", "CountTokensRequest"):
             schemas[name]["properties"]["model"] = self.model_name(required=True)
         schemas["ChatCompletionStreamEvent"] = _openai_event("ChatCompletionChunk")
         schemas["CompletionStreamEvent"] = _openai_event("Completion")
+        schemas["ResponseStreamEvent"] = _sse_event(
+            _json_text(_ref("ResponseEvent")),
+            event={"type": "string", "description": "the event's `type`"},
+            description="One event of a Responses stream (response.created ... "
+            "response.completed / incomplete / failed), each with its sequence_number.",
+        )
         events = {name: f"Anthropic_{name}" for name in anthropic.STREAM_EVENTS}
         events["error"] = "AnthropicError"
         schemas["AnthropicStreamEvent"] = {
@@ -357,6 +377,10 @@ class _Builder:
                 "float": {"value": plain},
                 "base64": {"value": {**plain, "encoding_format": "base64"}},
             }
+        elif request in ("ResponsesRequest", "ResponsesInputTokensRequest"):
+            plain = {"model": model, "input": question, "max_output_tokens": 16}
+            if request == "ResponsesRequest":
+                streamed = {**plain, "instructions": "Answer briefly.", "stream": True}
         elif request == "MessagesRequest":
             plain = {"model": model, "max_tokens": 16, "messages": chat}
             streamed = {**plain, "system": "Answer briefly.", "stream": True, "temperature": 0}
@@ -422,6 +446,13 @@ class _Builder:
         }
         if self.model_names:
             model_id["schema"] = {"enum": sorted(set(self.model_names))}
+        response_id = {
+            "name": "response_id",
+            "in": "path",
+            "required": True,
+            "description": "The id of a stored response (`store: true`, the default).",
+            "schema": {"type": "string", "minLength": 1},
+        }
         return {
             "/v1/chat/completions": {
                 "post": self.post(
@@ -478,6 +509,65 @@ class _Builder:
                     anthropic=True,
                     generates=False,
                 )
+            },
+            "/v1/responses": {
+                "post": self.post(
+                    summary="Create a response (OpenAI Responses API)",
+                    operation_id="createResponse",
+                    tag="OpenAI",
+                    request="ResponsesRequest",
+                    ok=streaming_ok(
+                        "The response, or (`stream: true`) its typed events.",
+                        "ResponseObject",
+                        "ResponseStreamEvent",
+                    ),
+                )
+            },
+            "/v1/responses/input_tokens": {
+                "post": self.post(
+                    summary="Count a response request's input tokens (OpenAI)",
+                    operation_id="countResponseInputTokens",
+                    tag="OpenAI",
+                    request="ResponsesInputTokensRequest",
+                    ok=json_ok("The prompt's token count.", "ResponsesInputTokens"),
+                    generates=False,
+                )
+            },
+            "/v1/responses/{response_id}": {
+                "get": {
+                    **self.get(
+                        summary="Retrieve a stored response",
+                        operation_id="getResponse",
+                        tag="OpenAI",
+                        ok=json_ok("The stored response.", "ResponseObject"),
+                        statuses=(401, 404, 405, 429, 503),
+                    ),
+                    "parameters": [response_id],
+                },
+                "delete": {
+                    **self.get(
+                        summary="Delete a stored response",
+                        operation_id="deleteResponse",
+                        tag="OpenAI",
+                        ok=json_ok("Deleted.", "DeletedResponse"),
+                        statuses=(401, 404, 405, 429, 503),
+                    ),
+                    "parameters": [response_id],
+                },
+            },
+            "/v1/responses/{response_id}/input_items": {
+                "get": {
+                    **self.get(
+                        summary="List a stored response's input items",
+                        operation_id="listResponseInputItems",
+                        tag="OpenAI",
+                        ok=json_ok(
+                            "The conversation it continued, newest first.", "ResponseInputItemList"
+                        ),
+                        statuses=(401, 404, 405, 429, 503),
+                    ),
+                    "parameters": [response_id],
+                }
             },
             "/v1/models": {
                 "get": self.get(

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from ..protocol import Int, Model, Number, Part
+from ..protocol import Int, Model, Number, Part, Response
 
 MAX_METADATA = 16
 
@@ -81,3 +81,56 @@ class InputTokensRequest(ResponsesRequest):
     `previous_response_id` carries the conversation."""
 
     input: str | list[dict[str, Any]] = Field(default_factory=list)
+
+
+# -- response shapes (for the OpenAPI document) ------------------------------------------------
+
+
+class ResponseObject(Response):
+    """A response: output items (`message`, `reasoning`, `function_call`, `custom_tool_call`)
+    and usage, with the request-derived fields echoed."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["completed", "incomplete", "failed", "in_progress"]
+    model: str | None = None
+    output: list[dict[str, Any]]
+    usage: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    incomplete_details: dict[str, Any] | None = None
+    instructions: str | None = None
+    tools: list[dict[str, Any]] = []
+    tool_choice: Any = "auto"
+    parallel_tool_calls: bool = True
+    metadata: dict[str, str] = {}
+    previous_response_id: str | None = None
+    store: bool = True
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+
+
+class ResponseEvent(Response):
+    """One event of a Responses stream; `type` names it and `sequence_number` orders it."""
+
+    type: str
+    sequence_number: int
+
+
+class InputTokens(Response):
+    object: Literal["response.input_tokens"]
+    input_tokens: int
+
+
+class DeletedResponse(Response):
+    id: str
+    object: Literal["response"]
+    deleted: bool
+
+
+class InputItemList(Response):
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool
