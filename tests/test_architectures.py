@@ -417,6 +417,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+@pytest.mark.slow  # runs long: several seconds of CPU
 @pytest.mark.parametrize(
     ("arch", "variant"),
     [

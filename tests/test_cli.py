@@ -409,6 +409,7 @@ def run_module(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # starts a process
 def test_module_bad_port_exits_2() -> None:
     proc = run_module("--port", "70000")
     assert proc.returncode == 2
@@ -419,6 +420,7 @@ def test_module_bad_port_exits_2() -> None:
     ]
 
 
+@pytest.mark.slow  # starts a process
 def test_module_help() -> None:
     proc = run_module("--help")
     assert proc.returncode == 0, proc.stderr

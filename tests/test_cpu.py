@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import quantize_model
 
@@ -27,6 +28,7 @@ def run_py(code: str, **env: str) -> str:
     return out.stdout.strip()
 
 
+@pytest.mark.slow  # starts a process
 def test_preload_before_mlx_import() -> None:
     code = "from mlx_server.engine.cpu import preload_blas; print(preload_blas())"
     found = run_py(code)
@@ -37,6 +39,7 @@ def test_preload_before_mlx_import() -> None:
     assert run_py(code, MLX_SERVER_BLAS="off") == "None"
 
 
+@pytest.mark.slow  # starts a process
 def test_too_late_after_mlx_import() -> None:
     code = "import mlx.core; from mlx_server.engine.cpu import preload_blas; print(preload_blas())"
     assert run_py(code) == "None"

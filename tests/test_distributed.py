@@ -160,6 +160,7 @@ def wait_exit(server: ServerProcess, since: float, limit: float) -> float:
     return time.monotonic() - since
 
 
+@pytest.mark.slow  # starts a process
 @pytest.mark.parametrize("how", ["killed", "frozen"])
 def test_losing_rank_1_mid_stream_is_an_in_band_error_and_a_prompt_nonzero_exit(
     how: str, tiny_dir: Path, tmp_path: Path
@@ -212,6 +213,7 @@ def test_losing_rank_1_mid_stream_is_an_in_band_error_and_a_prompt_nonzero_exit(
         assert f"launch: rank 1 (pid {worker})" in log or how == "killed", log
 
 
+@pytest.mark.slow  # starts a process
 def test_a_rank_killed_at_start_stops_the_group_within_seconds(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
@@ -226,6 +228,7 @@ def test_a_rank_killed_at_start_stops_the_group_within_seconds(
     assert "the group failed: rank 1 killed by SIGKILL" in server.log(), server.log()
 
 
+@pytest.mark.slow  # starts a process
 def test_a_rank_frozen_at_start_fails_the_start_within_the_rank_timeout(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
@@ -261,6 +264,7 @@ def test_a_rank_frozen_at_start_fails_the_start_within_the_rank_timeout(
     assert server.process.returncode == 1
 
 
+@pytest.mark.slow  # starts a process
 def test_joining_the_group_is_bounded_even_while_mlx_holds_the_interpreter(
     tmp_path: Path,
 ) -> None:
@@ -286,6 +290,7 @@ def test_joining_the_group_is_bounded_even_while_mlx_holds_the_interpreter(
     assert took < 15, took  # start-up (imports) plus the 1.5 s limit
 
 
+@pytest.mark.slow  # starts a process
 def test_explicit_pipeline_over_nccl_is_refused_at_start() -> None:
     env = {**os.environ, "MLX_RANK": "0", "MLX_WORLD_SIZE": "2", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
@@ -444,6 +449,7 @@ def quick_supervision(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(launch_module, "WORKER_FOLLOWS_S", 0.5)
 
 
+@pytest.mark.slow  # starts a process
 @pytest.mark.usefixtures("quick_supervision")
 def test_supervise_stops_rank_0_when_a_worker_fails(capsys: pytest.CaptureFixture[str]) -> None:
     """Rank 0 that ignores SIGTERM gets SIGKILL; the status says the group failed."""
@@ -458,6 +464,7 @@ def test_supervise_stops_rank_0_when_a_worker_fails(capsys: pytest.CaptureFixtur
     assert "the group failed: rank 1 exited with status 3" in err
 
 
+@pytest.mark.slow  # starts a process
 @pytest.mark.usefixtures("quick_supervision")
 def test_supervise_kills_a_frozen_worker_once_rank_0_has_ended() -> None:
     frozen = sh("kill -STOP $$")
@@ -467,6 +474,7 @@ def test_supervise_kills_a_frozen_worker_once_rank_0_has_ended() -> None:
     assert frozen.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow  # starts a process
 @pytest.mark.usefixtures("quick_supervision")
 def test_supervise_clean_end_is_status_0() -> None:
     assert supervise([sh("sleep 0.2"), sh("exit 0")]) == 0

@@ -79,6 +79,7 @@ def test_right_key_either_header(keyed_server: ServerProcess) -> None:
         bad.close()
 
 
+@pytest.mark.slow  # starts a process
 def test_rate_limit_gives_429_with_retry_after(tiny_dir: Path, tmp_path: Path) -> None:
     with run_server(
         ["--model", str(tiny_dir), "--rate-limit", "3"], log_path=tmp_path / "log"

@@ -5,6 +5,7 @@ before running the normal CLI."""
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -12,17 +13,24 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mlx_server.testing.server import run_server
+from mlx_server.testing.server import ServerProcess, run_server
 from mlx_server.testing.tiny import build_tiny_model
 
-SLOW_LOAD = """
-import sys, time
+pytestmark = pytest.mark.slow  # every test here starts a server process
+
+GATE_ENV = "TEST_LOAD_GATE_PORT"  # the port the test listens on (read by GATED_LOAD)
+
+# Loading waits until the test, having seen the loading state, sends one byte: no sleep, and
+# the state lasts exactly as long as the test needs, however slow the machine.
+GATED_LOAD = """
+import os, socket, sys
 import mlx_server.engine.model as m
 _load = m.load
-def slow_load(*a, **k):
-    time.sleep(4)
+def gated_load(*a, **k):
+    with socket.create_connection(("127.0.0.1", int(os.environ["TEST_LOAD_GATE_PORT"]))) as gate:
+        gate.recv(1)
     return _load(*a, **k)
-m.load = slow_load
+m.load = gated_load
 from mlx_server.cli import main
 sys.exit(main())
 """
@@ -56,39 +64,47 @@ def launcher(tmp_path: Path, code: str) -> list[str]:
     return [sys.executable, str(script)]
 
 
+def health_status(server: ServerProcess, want: int, timeout: float = 120.0) -> httpx.Response:
+    """Poll /health (bounded) until it answers with status code `want`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            r = httpx.get(f"{server.base_url}/health", timeout=2)
+            if r.status_code == want:
+                return r
+        except httpx.HTTPError:
+            pass
+        assert server.process.poll() is None, server.log()
+        assert time.monotonic() < deadline, f"/health never answered {want}:\n{server.log()}"
+        time.sleep(0.1)
+
+
 def test_health_and_routes_answer_503_while_loading(tiny_dir: Path, tmp_path: Path) -> None:
-    with run_server(
-        ["--model", str(tiny_dir)],
-        log_path=tmp_path / "log",
-        launcher=launcher(tmp_path, SLOW_LOAD),
-        wait_ready=False,
-    ) as server:
-        seen_loading = False
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                r = httpx.get(f"{server.base_url}/health", timeout=2)
-            except httpx.HTTPError:
-                time.sleep(0.1)
-                continue
-            if r.status_code == 503:
-                assert r.json()["status"] == "loading"
-                v = httpx.get(f"{server.base_url}/v1/models", timeout=2)
-                m = httpx.post(
-                    f"{server.base_url}/v1/messages",
-                    json={"model": "x", "max_tokens": 1, "messages": []},
-                    timeout=2,
-                )
-                if v.status_code == 503 and m.status_code == 503:  # (not at the very end)
-                    assert v.json()["error"]["code"] == "model_loading"
-                    assert m.json()["type"] == "error"
-                    assert m.json()["error"]["type"] == "api_error"
-                    seen_loading = True
-            elif r.status_code == 200:
-                break
-            time.sleep(0.1)
-        assert seen_loading, "never saw the loading state"
-        assert httpx.get(f"{server.base_url}/health").json()["status"] == "ok"
+    with socket.create_server(("127.0.0.1", 0)) as gate:
+        gate.settimeout(120)
+        with run_server(
+            ["--model", str(tiny_dir)],
+            env={GATE_ENV: str(gate.getsockname()[1])},
+            log_path=tmp_path / "log",
+            launcher=launcher(tmp_path, GATED_LOAD),
+            wait_ready=False,
+        ) as server:
+            r = health_status(server, 503)
+            assert r.json()["status"] == "loading"
+            v = httpx.get(f"{server.base_url}/v1/models", timeout=2)
+            assert v.status_code == 503 and v.json()["error"]["code"] == "model_loading"
+            m = httpx.post(
+                f"{server.base_url}/v1/messages",
+                json={"model": "x", "max_tokens": 1, "messages": []},
+                timeout=2,
+            )
+            assert m.status_code == 503, m.text
+            assert m.json()["type"] == "error" and m.json()["error"]["type"] == "api_error"
+
+            connection, _ = gate.accept()  # the loader is waiting on the gate
+            with connection:
+                connection.sendall(b"go")
+                assert health_status(server, 200).json()["status"] == "ok"
 
 
 def test_executor_fault_mid_stream_is_an_in_band_error(tiny_dir: Path, tmp_path: Path) -> None:

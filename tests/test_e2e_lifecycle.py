@@ -32,6 +32,7 @@ def chat(max_tokens: int, stream: bool) -> dict[str, object]:
     }
 
 
+@pytest.mark.slow  # starts a process
 def test_sigterm_ends_long_streams_with_an_error_and_exits_0(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
@@ -54,6 +55,7 @@ def test_sigterm_ends_long_streams_with_an_error_and_exits_0(
         assert server.process.wait(timeout=30) == 0
 
 
+@pytest.mark.slow  # starts a process
 def test_sigterm_lets_a_short_request_finish(tiny_dir: Path, tmp_path: Path) -> None:
     args = ["--model", str(tiny_dir), "--shutdown-grace", "30"]
     with run_server(args, log_path=tmp_path / "log") as server:
@@ -74,6 +76,7 @@ def test_sigterm_lets_a_short_request_finish(tiny_dir: Path, tmp_path: Path) -> 
             httpx.get(f"{server.base_url}/health")
 
 
+@pytest.mark.slow  # starts a process
 def test_model_aliases(tiny_dir: Path, tmp_path: Path) -> None:
     args = ["--model", str(tiny_dir), "--model-aliases", "claude-*,gpt-4o"]
     with run_server(args, log_path=tmp_path / "log") as server:

@@ -259,6 +259,7 @@ def test_a_malformed_line_is_reported_with_its_number_and_skipped(
     assert [m["line"] for m in summary["malformed_lines"]] == [3, 6]
 
 
+@pytest.mark.slow  # starts a process
 def test_replay_usage_errors(tmp_path: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

@@ -74,6 +74,7 @@ def greedy(rid: str, prompt: list[int], n: int) -> Admit:
     )
 
 
+@pytest.mark.slow  # runs long: several seconds of CPU
 def test_batched_greedy_equals_mlx_lm(tiny_llama: Path) -> None:
     ref_model, ref_tok = mlx_lm.load(str(tiny_llama))
     prompts = [

@@ -163,6 +163,7 @@ def run_engine(loaded: LoadedModel, requests: list[GenerationRequest]) -> dict[s
     return out
 
 
+@pytest.mark.slow  # runs long: several seconds of CPU
 def test_constrained_rows_batch_with_unconstrained_ones(tiny: LoadedModel) -> None:
     prompt = tuple(tiny.tokenizer.encode("Describe a person"))
     greedy = SamplingParams(temperature=0.0)

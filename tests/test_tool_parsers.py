@@ -367,6 +367,7 @@ def test_forced_prefill_parses(family: str) -> None:
     assert got == [call("get_weather", city="Rome")]
 
 
+@pytest.mark.slow  # starts a process
 def test_tools_package_is_pure() -> None:
     """`mlx_server.tools` imports neither MLX nor trio nor quart."""
     import subprocess

@@ -6,10 +6,10 @@ layers and never dequantized. What MLX does not do is check the file: a truncate
 file can crash the process inside `mx.load`, so the header is walked in Python first and every
 length and offset is checked against the file size.
 
-Facts this code relies on (see GGUF-NOTES.md): tensor names follow llama.cpp (`blk.N.attn_q`),
-bit widths differ per tensor (the embedding of the default model is Q8_0, the rest Q4_1), the
-output projection may be absent (tied embeddings), and llama.cpp permutes the Q/K rows of
-llama models for its rotary layout, which is undone here.
+Facts this code relies on (see docs/GGUF-NOTES.md): tensor names follow llama.cpp
+(`blk.N.attn_q`), bit widths differ per tensor (the embedding of the default model is Q8_0,
+the rest Q4_1), the output projection may be absent (tied embeddings), and llama.cpp permutes
+the Q/K rows of llama models for its rotary layout, which is undone here.
 """
 
 from __future__ import annotations
