@@ -11,6 +11,14 @@ serve *ARGS:
 test *ARGS:
     uv run pytest {{ARGS}}
 
+# The fast tier: no server process, no real model (the inner loop)
+fast *ARGS:
+    uv run pytest -m "not slow" {{ARGS}}
+
+# Everything CI checks: lint, format, types, the whole suite (each runs; fails if any failed)
+ci:
+    bash .ci/run
+
 # Lint and format check
 lint:
     uv run ruff check mlx_server tests bench examples
