@@ -449,7 +449,7 @@ _OPTIONS += (
         "Nucleus sampling for requests that send no top_p. Overrides the model's "
         "generation_config.json.",
         "P",
-        "the model's generation_config.json, else 1 (SmolLM2 default model: 0.9)",
+        "the model's generation_config.json, else 1 (SmolLM2 default model: 0.5)",
     ),
     _Option(
         "top_k",

@@ -100,7 +100,7 @@ def test_metadata_for_v1_models(tiny: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_default_model_metadata_and_sampling() -> None:
     loaded = load(None)
-    assert loaded.sampling_defaults == {"temperature": 0.2, "top_p": 0.9}
+    assert loaded.sampling_defaults == {"temperature": 0.2, "top_p": 0.5}
     info = loaded.info
     assert info is not None and info.context_length == 8192
     assert info.quantization is not None and info.quantization.label == "Q4_1"
