@@ -30,6 +30,7 @@ from mlx_server.messages import (
     SequenceFinished,
     TokenOut,
 )
+from mlx_server.testing import openapi, streams
 from mlx_server.testing.server import ServerProcess, run_server
 from mlx_server.testing.tiny import build_tiny_model, default_tokenizer
 
@@ -255,19 +256,23 @@ def chat(content: str, **fields: Any) -> dict[str, Any]:
 
 
 async def stream_choices(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[int, Any]:
-    texts: dict[int, str] = {}
-    reasons: dict[int, str] = {}
+    """(text, finish_reason) per choice of a streamed chat completion, every chunk validated and
+    the stream's order checked."""
+    chunks: list[dict[str, Any]] = []
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200, await r.aread()
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            for choice in json.loads(line[6:])["choices"]:
-                i = choice["index"]
-                texts[i] = texts.get(i, "") + (choice["delta"].get("content") or "")
-                if choice["finish_reason"]:
-                    reasons[i] = choice["finish_reason"]
-    return {i: (texts.get(i, ""), reasons[i]) for i in reasons}
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    choices = streams.check_chat_stream(chunks)
+    return {i: (c.content, c.finish_reason) for i, c in choices.items()}
+
+
+def completion(r: httpx.Response) -> dict[str, Any]:
+    """A chat completion's body, validated."""
+    assert r.status_code == 200, r.text
+    openapi.validate("openai.ChatCompletion", r.json())
+    return r.json()
 
 
 async def test_twenty_samples_at_temperature_1_all_validate(tiny_server: ServerProcess) -> None:
@@ -280,8 +285,8 @@ async def test_twenty_samples_at_temperature_1_all_validate(tiny_server: ServerP
     )
     async with httpx.AsyncClient(base_url=tiny_server.base_url, timeout=TIMEOUT) as client:
         r = await client.post("/v1/chat/completions", json=body)
-        assert r.status_code == 200, r.text
-        whole = [(c["message"]["content"], c["finish_reason"]) for c in r.json()["choices"]]
+        choices = completion(r)["choices"]
+        whole = [(c["message"]["content"], c["finish_reason"]) for c in choices]
         streamed = list((await stream_choices(client, {**body, "stream": True})).values())
     samples = whole + streamed
     assert len(samples) == 20
@@ -306,10 +311,9 @@ async def test_constrained_and_unconstrained_concurrently(tiny_server: ServerPro
         async with trio.open_nursery() as nursery:
             nursery.start_soon(post, "shaped", shaped)
             nursery.start_soon(post, "plain", plain)
-    assert results["plain"].status_code == 200 and results["shaped"].status_code == 200
-    plain_choice = results["plain"].json()["choices"][0]
+    plain_choice = completion(results["plain"])["choices"][0]
     assert plain_choice["message"] == alone["choices"][0]["message"]
-    shaped_text = results["shaped"].json()["choices"][0]["message"]["content"]
+    shaped_text = completion(results["shaped"])["choices"][0]["message"]["content"]
     jsonschema.validate(json.loads(shaped_text), PERSON)
 
 
@@ -328,10 +332,12 @@ async def test_completions_route_takes_response_format(tiny_server: ServerProces
             "/v1/completions", json={**body, "response_format": {"type": "yaml"}}
         )
     assert r.status_code == 200, r.text
+    openapi.validate("openai.Completion", r.json())
     for choice in r.json()["choices"]:
         assert choice["finish_reason"] == "stop"
         jsonschema.validate(json.loads(choice["text"]), PERSON)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+    openapi.validate("openai.ErrorResponse", bad.json())
 
 
 async def test_text_format_is_plain_generation(tiny_server: ServerProcess) -> None:
@@ -377,6 +383,7 @@ async def test_bad_response_format_is_400(
                 json=chat("hi", max_tokens=4, response_format=response_format, stream=stream),
             )
             assert r.status_code == 400, r.text
+            openapi.validate("openai.ErrorResponse", r.json())
             error = r.json()["error"]
             assert error["param"] == "response_format"
             assert error["type"] == "invalid_request_error"
@@ -398,8 +405,7 @@ async def test_json_object_with_the_default_model(default_server: ServerProcess)
     }
     async with httpx.AsyncClient(base_url=default_server.base_url, timeout=TIMEOUT) as client:
         r = await client.post("/v1/chat/completions", json=body)
-        assert r.status_code == 200, r.text
-        choice = r.json()["choices"][0]
+        choice = completion(r)["choices"][0]
         streamed = await stream_choices(client, {**body, "stream": True})
     assert choice["finish_reason"] == "stop", choice
     assert isinstance(json.loads(choice["message"]["content"]), dict)
