@@ -391,6 +391,12 @@ HARMONY = (
 )
 
 
+HARMONY_ANSWER = (
+    "<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final"
+    "<|message|>Paris.<|return|>"
+)
+
+
 def harmony(text: str, chunk: int) -> list[object]:
     parser = HarmonyParser()
     out: list[object] = []
@@ -463,6 +469,12 @@ def test_harmony_through_the_output_parser() -> None:
     args = [e for e in events if isinstance(e, ToolCallArgsDelta)]
     assert [s.name for s in starts] == ["get_weather"]
     assert json.loads(args[0].arguments) == {"city": "Paris"}
+    # Reasoning dropped, or left in the text (without the channel markup).
+    events = collect(OutputParser(fmt, OutputSpec(reasoning="drop")), HARMONY_ANSWER, 2)
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Paris."
+    assert not [e for e in events if isinstance(e, ReasoningDelta)]
+    events = collect(OutputParser(fmt, OutputSpec(reasoning="off")), HARMONY_ANSWER, 2)
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Easy.Paris."
     # Forced calls prefill the commentary header; the rest is the arguments.
     prefill = fmt.forced_prefill("get_weather")
     parser = OutputParser(fmt, OutputSpec(reasoning="split", tools_json="[]", prefill=prefill))

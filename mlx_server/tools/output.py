@@ -98,6 +98,8 @@ class OutputParser:
             elif part[0] == "reasoning":
                 if self._spec.reasoning == "split":
                     out.append(ReasoningDelta(text=part[1]))
+                elif self._spec.reasoning == "off":  # not split: the analysis is text too
+                    out.append(TextDelta(text=part[1]))
             elif part[1]:
                 out.append(TextDelta(text=part[1]))
         return out
