@@ -16,8 +16,14 @@ that access control or CORS answers early has one), and lives in quart's `g`:
   non-streamed request was generating: status 499, finish reason `disconnected`).
 - Ending it writes one access-log line on the `mlx_server.access` logger (key=value pairs:
   request_id, method, endpoint, status, stream, prompt_tokens, completion_tokens, cached_tokens,
-  ttft_ms, duration_ms, finish_reason, and error when there was one; `-` for unknown) and, with
-  `--record-trace`, queues the request's trace line. `/health` and `/metrics` log at debug level.
+  ttft_ms, duration_ms, prompt_tps, gen_tps, finish_reason, and error when there was one; `-` for
+  unknown) and, with `--record-trace`, queues the request's trace line. `/health` and `/metrics`
+  log at debug level.
+- `timings` (the same clock) gives the figures of the opt-in `timings` object of a response and of
+  the access log's `prompt_tps` / `gen_tps`: the prompt phase runs from the request's arrival to
+  its first generated piece (text, reasoning or a tool call), the generation phase from there to
+  the end; prompt tokens/s counts the tokens processed (not served from the prompt cache), and
+  generation tokens/s the tokens after the first (the first one ends the prompt phase).
 """
 
 from __future__ import annotations
@@ -35,7 +41,15 @@ import attrs
 from quart import Quart, Response, g, request
 from quart.wrappers.response import IterableBody, ResponseBody
 
-from ..messages import Failed, Finished, ReasoningDelta, StreamEvent, TextDelta, ToolCallStart
+from ..messages import (
+    Failed,
+    Finished,
+    ReasoningDelta,
+    StreamEvent,
+    TextDelta,
+    ToolCallStart,
+    Usage,
+)
 from ..replay.record import TraceRecorder, redact_headers
 
 access_log = logging.getLogger("mlx_server.access")
@@ -51,6 +65,37 @@ T = TypeVar("T", StreamEvent, tuple[int, StreamEvent])
 
 def new_request_id() -> str:
     return f"req_{uuid.uuid4().hex}"
+
+
+def _per_second(count: int, seconds: float) -> float | None:
+    return round(count / seconds, 2) if count > 0 and seconds > 0 else None
+
+
+def timings(
+    usage: Usage, *, arrived: float, first_token_at: float | None, ended: float
+) -> dict[str, Any]:
+    """A request's speed, in llama.cpp's `timings` names (and TTFT): the prompt phase is arrival
+    to the first generated piece, the generation phase the rest (see the module docstring)."""
+    first = first_token_at if first_token_at is not None else ended
+    prompt_s = max(0.0, first - arrived)
+    gen_s = max(0.0, ended - first)
+    processed = max(0, usage.prompt_tokens - usage.cached_tokens)
+    generated = usage.completion_tokens
+    return {
+        "prompt_n": processed,
+        "prompt_ms": round(prompt_s * 1000, 3),
+        "prompt_per_token_ms": round(prompt_s * 1000 / processed, 3) if processed else None,
+        "prompt_per_second": _per_second(processed, prompt_s),
+        "predicted_n": generated,
+        "predicted_ms": round(gen_s * 1000, 3),
+        "predicted_per_token_ms": (
+            round(gen_s * 1000 / (generated - 1), 3) if generated > 1 else None
+        ),
+        "predicted_per_second": _per_second(generated - 1, gen_s),
+        "cache_n": usage.cached_tokens,
+        "prompt_tokens": usage.prompt_tokens,
+        "ttft_ms": round(prompt_s * 1000, 1) if first_token_at is not None else None,
+    }
 
 
 @attrs.define(eq=False)
@@ -156,6 +201,23 @@ class Outcome:
             return None
         return round((self.ended_at - self.arrived) * 1000, 1)
 
+    def timings(self, usage: Usage, *, now: float | None = None) -> dict[str, Any]:
+        """The `timings` object of a response whose usage is `usage`, at `now` (default: now)."""
+        ended = now if now is not None else (self.ended_at or time.monotonic())
+        return timings(usage, arrived=self.arrived, first_token_at=self.first_token_at, ended=ended)
+
+    def _rates(self) -> tuple[float | None, float | None]:
+        """(prompt tokens/s, generation tokens/s) once ended with its token counts known."""
+        if self.ended_at is None or self.prompt_tokens is None or self.completion_tokens is None:
+            return None, None
+        usage = Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cached_tokens=self.cached_tokens or 0,
+        )
+        t = self.timings(usage)
+        return t["prompt_per_second"], t["predicted_per_second"]
+
     def output_texts(self) -> list[str]:
         if not self.texts:
             return []
@@ -174,8 +236,9 @@ class Outcome:
             "cached_tokens": self.cached_tokens,
             "ttft_ms": self.ttft_ms,
             "duration_ms": self.duration_ms,
-            "finish_reason": self.finish_reason,
         }
+        out["prompt_tps"], out["gen_tps"] = self._rates()
+        out["finish_reason"] = self.finish_reason
         if self.error is not None:
             out["error"] = self.error
         return out

@@ -82,6 +82,9 @@ class Sampling(Model):
     response_format: ResponseFormat | None = None
     user: str | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] | None = None
+    # This server's extension: a `timings` object (prompt and generation tokens per second,
+    # cached tokens, time to first token) on the response and on a stream's last chunk.
+    timings: bool | None = None
 
 
 # -- chat completions -------------------------------------------------------------------------
@@ -288,11 +291,31 @@ class ChatChoice(Response):
     finish_reason: Literal["stop", "length", "tool_calls"]
 
 
+class Timings(Response):
+    """How fast the request ran (with `"timings": true`), in llama.cpp's names: the prompt
+    phase runs from arrival to the first generated piece, the generation phase from there to
+    the end. `prompt_n` counts the prompt tokens processed (not served from the prompt cache,
+    `cache_n`); the generation rate counts the tokens after the first."""
+
+    prompt_n: int
+    prompt_ms: float
+    prompt_per_token_ms: float | None
+    prompt_per_second: float | None
+    predicted_n: int
+    predicted_ms: float
+    predicted_per_token_ms: float | None
+    predicted_per_second: float | None
+    cache_n: int
+    prompt_tokens: int
+    ttft_ms: float | None
+
+
 class Envelope(Response):
     id: str
     created: int
     model: str
     system_fingerprint: str | None = None
+    timings: Timings | None = None  # the whole response, or a stream's last chunk
 
 
 class ChatCompletion(Envelope):

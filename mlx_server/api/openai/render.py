@@ -25,7 +25,7 @@ from ...messages import (
     ToolCallStart,
     Usage,
 )
-from .. import sse
+from .. import outcome, sse
 from ..errors import openai_error_body
 
 SYSTEM_FINGERPRINT = "mlx-server"
@@ -85,16 +85,27 @@ def _failed(ev: Failed) -> bytes:
 _NO_RESULT = sse.data(openai_error_body(NO_RESULT, status=500))
 
 
+def timings_part(watch: outcome.Outcome | None, tally: Tally) -> dict[str, Any]:
+    """`{"timings": ...}` for a request that asked for them (`"timings": true`), else `{}`: on
+    the whole body, and on the last chunk of a stream (the usage chunk when there is one)."""
+    if watch is None:
+        return {}
+    return {"timings": watch.timings(tally.usage())}
+
+
 # -- chat completions -------------------------------------------------------------------------
 
 
 @attrs.define
 class ChatRender:
     include_usage: bool = False
+    timings: bool = False
     created: int = attrs.field(factory=lambda: int(time.time()))
+    _watch: outcome.Outcome | None = attrs.field(init=False, default=None)
 
     async def begin(self, model: Frontend, prepared: Prepared) -> None:
-        pass
+        if self.timings:
+            self._watch = outcome.current()
 
     def prefixes(self) -> list[str]:
         return []
@@ -126,6 +137,7 @@ class ChatRender:
             **self._envelope(prepared, "chat.completion"),
             "choices": choices,
             "usage": usage_json(tally.usage()),
+            **timings_part(self._watch, tally),
         }
 
     async def stream(
@@ -137,7 +149,13 @@ class ChatRender:
         want_logprobs = prepared.sampling.logprobs
         envelope = self._envelope(prepared, "chat.completion.chunk")
 
-        def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lps: Any = None):
+        def chunk(
+            index: int,
+            delta: dict[str, Any],
+            finish: str | None = None,
+            lps: Any = None,
+            extra: dict[str, Any] | None = None,
+        ):
             choice = {
                 "index": index,
                 "delta": delta,
@@ -147,7 +165,7 @@ class ChatRender:
             obj = {**envelope, "choices": [choice]}
             if self.include_usage:
                 obj["usage"] = None
-            return sse.data(obj)
+            return sse.data({**obj, **(extra or {})})
 
         for i in range(prepared.choices):
             yield chunk(i, {"role": "assistant", "content": ""})
@@ -174,12 +192,14 @@ class ChatRender:
             ):
                 assert isinstance(ev, Finished)
                 calls = bool(tally.choices[index].tool_calls)
-                yield chunk(index, {}, finish_reason(ev, calls))
+                last = tally.done and not self.include_usage
+                extra = timings_part(self._watch, tally) if last else None
+                yield chunk(index, {}, finish_reason(ev, calls), extra=extra)
                 if tally.done:
                     if self.include_usage:
-                        yield sse.data(
-                            {**envelope, "choices": [], "usage": usage_json(tally.usage())}
-                        )
+                        usage = {"usage": usage_json(tally.usage())}
+                        timed = timings_part(self._watch, tally)
+                        yield sse.data({**envelope, "choices": [], **usage, **timed})
                     break
         else:
             yield _NO_RESULT
@@ -227,11 +247,15 @@ class CompletionRender:
 
     echo: bool = False
     include_usage: bool = False
+    timings: bool = False
     created: int = attrs.field(factory=lambda: int(time.time()))
     _echoes: list[tuple[str, tuple[str, ...]]] = attrs.field(init=False, factory=list)
     _lps: list[_Logprobs] = attrs.field(init=False, factory=list)
+    _watch: outcome.Outcome | None = attrs.field(init=False, default=None)
 
     async def begin(self, model: Frontend, prepared: Prepared) -> None:
+        if self.timings:
+            self._watch = outcome.current()
         n = prepared.request.n
         want = prepared.sampling.logprobs
         for prompt in prepared.prompts:
@@ -292,7 +316,11 @@ class CompletionRender:
                     "finish_reason": reason,
                 }
             )
-        return {**self._envelope(prepared, choices), "usage": usage_json(tally.usage())}
+        return {
+            **self._envelope(prepared, choices),
+            "usage": usage_json(tally.usage()),
+            **timings_part(self._watch, tally),
+        }
 
     async def stream(
         self,
@@ -302,9 +330,15 @@ class CompletionRender:
     ) -> AsyncIterator[bytes]:
         want = prepared.sampling.logprobs
 
-        def chunk(index: int, text: str, lps: Any, finish: str | None = None) -> bytes:
+        def chunk(
+            index: int,
+            text: str,
+            lps: Any,
+            finish: str | None = None,
+            extra: dict[str, Any] | None = None,
+        ) -> bytes:
             choice = {"text": text, "index": index, "logprobs": lps, "finish_reason": finish}
-            return sse.data(self._envelope(prepared, [choice]))
+            return sse.data({**self._envelope(prepared, [choice]), **(extra or {})})
 
         if self.echo:
             for i in range(prepared.choices):
@@ -321,12 +355,14 @@ class CompletionRender:
                 yield _failed(ev)
                 break
             elif isinstance(ev, Finished) and tally.add(index, ev):
-                yield chunk(index, "", None, finish_reason(ev))
+                last = tally.done and not self.include_usage
+                extra = timings_part(self._watch, tally) if last else None
+                yield chunk(index, "", None, finish_reason(ev), extra=extra)
                 if tally.done:
                     if self.include_usage:
                         usage = self._envelope(prepared, [])
                         usage["usage"] = usage_json(tally.usage())
-                        yield sse.data(usage)
+                        yield sse.data({**usage, **timings_part(self._watch, tally)})
                     break
         else:
             yield _NO_RESULT

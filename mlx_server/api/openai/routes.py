@@ -22,7 +22,10 @@ bp = Blueprint("openai", __name__)
 async def chat_completions() -> Response | dict[str, Any]:
     body = await parse(ChatCompletionRequest)
     request = convert.chat_request(body)
-    return await run(request, render.ChatRender(include_usage=convert.include_usage(body)))
+    renderer = render.ChatRender(
+        include_usage=convert.include_usage(body), timings=bool(body.timings)
+    )
+    return await run(request, renderer)
 
 
 @bp.post("/v1/completions")
@@ -30,7 +33,9 @@ async def completions() -> Response | dict[str, Any]:
     body = await parse(CompletionRequest)
     request = convert.completion_request(body)
     renderer = render.CompletionRender(
-        echo=bool(body.echo), include_usage=convert.include_usage(body)
+        echo=bool(body.echo),
+        include_usage=convert.include_usage(body),
+        timings=bool(body.timings),
     )
     return await run(request, renderer)
 
