@@ -97,6 +97,16 @@ def test_alpha_is_composited_onto_white() -> None:
     assert out.image.getpixel((1, 0)) == (255, 255, 255)
 
 
+def test_exif_orientation_is_applied() -> None:
+    img = _picture((8, 3))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    out = decode_image_bytes(_encode(img, "JPEG", exif=exif.tobytes()))
+    assert (out.width, out.height) == (3, 8)
+    plain = decode_image_bytes(_encode(img, "JPEG"))
+    assert (plain.width, plain.height) == (8, 3)
+
+
 def test_gif_uses_its_first_frame() -> None:
     red = Image.new("RGB", (4, 4), (255, 0, 0))
     blue = Image.new("RGB", (4, 4), (0, 0, 255))

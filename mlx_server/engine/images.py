@@ -10,9 +10,10 @@ declared width x height (read from the header alone) before any pixel is decompr
 decompression bomb costs a header parse. Pillow's own bomb guard stays on underneath (its
 warning is turned into the same error rather than printed).
 
-The result is RGB (alpha composited onto white, palettes expanded, GIFs cut to their first
-frame) with a content hash of its pixels and size: the same picture sent again, even
-re-encoded losslessly or in another container, gets the same hash, which keys the prefix cache.
+The result is RGB (EXIF orientation applied, alpha composited onto white, palettes expanded,
+GIFs cut to their first frame) with a content hash of its pixels and size: the same picture sent
+again, even re-encoded losslessly or in another container, gets the same hash, which keys the
+prefix cache.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import warnings
 from typing import Literal
 
 import attrs
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InvalidRequest
 
@@ -221,6 +222,9 @@ def pixel_digest(image: Image.Image) -> str:
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     img.load()
+    # Photos from phones store their orientation in EXIF: the model sees them upright, as the
+    # client's own viewer shows them.
+    img = ImageOps.exif_transpose(img)
     if img.mode == "RGB":
         return img.copy()
     if img.mode == "P" and "transparency" in img.info:
