@@ -138,6 +138,14 @@ def assert_anthropic_error(response: httpx.Response, status: int, kind: str) -> 
     return body["error"]["message"]
 
 
+def prompt_total(usage: Any) -> int:
+    """The whole prompt: Anthropic's `input_tokens` is the part the prompt cache did not serve
+    (`cache_read_input_tokens`)."""
+    if isinstance(usage, dict):
+        return usage["input_tokens"] + usage["cache_read_input_tokens"]
+    return usage.input_tokens + (usage.cache_read_input_tokens or 0)
+
+
 def count(http: httpx.Client, **body: Any) -> int:
     r = http.post("/v1/messages/count_tokens", json={"model": MODEL, **body})
     assert r.status_code == 200, r.text
@@ -159,15 +167,15 @@ def test_create_sdk(created: dict[str, Any]) -> None:
     assert created["stop_reason"] == "end_turn"
     assert created["stop_sequence"] is None
     usage = created["usage"]
-    assert usage["input_tokens"] > 0
+    assert usage["input_tokens"] > 0  # at least the last prompt token is always computed
     assert 0 < usage["output_tokens"] <= MAX_TOKENS
     assert usage["cache_creation_input_tokens"] == 0
-    assert usage["cache_read_input_tokens"] == 0
+    assert 0 <= usage["cache_read_input_tokens"] < prompt_total(usage)
 
 
 def test_count_tokens_sdk(client: anthropic.Anthropic, created: dict[str, Any]) -> None:
     counted = client.messages.count_tokens(model=MODEL, messages=MESSAGES)
-    assert counted.input_tokens == created["usage"]["input_tokens"]
+    assert counted.input_tokens == prompt_total(created["usage"])
 
 
 def test_system_blocks_count_like_a_string(http: httpx.Client) -> None:
@@ -224,8 +232,8 @@ def test_prefill_continues_the_assistant_turn(
     assert message.stop_reason == "end_turn"
     # The prefill replaces the generation prompt; it is counted like everything else.
     counted = client.messages.count_tokens(model=MODEL, messages=messages)
-    assert counted.input_tokens == message.usage.input_tokens
-    assert created["usage"]["input_tokens"] < counted.input_tokens
+    assert counted.input_tokens == prompt_total(message.usage)
+    assert prompt_total(created["usage"]) < counted.input_tokens
 
 
 def test_system_prompt(client: anthropic.Anthropic) -> None:
@@ -236,7 +244,7 @@ def test_system_prompt(client: anthropic.Anthropic) -> None:
     assert message.stop_reason in ("end_turn", "max_tokens")
     assert message.usage.output_tokens == 1
     counted = client.messages.count_tokens(model=MODEL, system=system, messages=MESSAGES)
-    assert counted.input_tokens == message.usage.input_tokens
+    assert counted.input_tokens == prompt_total(message.usage)
 
 
 def test_multi_turn_counts(http: httpx.Client, created: dict[str, Any]) -> None:
@@ -245,7 +253,7 @@ def test_multi_turn_counts(http: httpx.Client, created: dict[str, Any]) -> None:
     history = [*MESSAGES, {"role": "assistant", "content": answer(created)}]
     follow_up = {"role": "user", "content": [{"type": "text", "text": "And of Germany?"}]}
     two_turns = count(http, messages=[*history, follow_up])
-    assert two_turns > created["usage"]["input_tokens"] + created["usage"]["output_tokens"]
+    assert two_turns > prompt_total(created["usage"]) + created["usage"]["output_tokens"]
     split = [{"role": "user", "content": "And of"}, {"role": "user", "content": "Germany?"}]
     assert count(http, messages=[*history, *split]) == count(
         http, messages=[*history, {"role": "user", "content": "And of\n\nGermany?"}]
@@ -265,7 +273,7 @@ def test_stream_sdk(client: anthropic.Anthropic, created: dict[str, Any]) -> Non
     assert final.content[0].text == text  # type: ignore[union-attr]
     assert final.stop_reason == created["stop_reason"]
     assert final.stop_sequence is None
-    assert final.usage.input_tokens == created["usage"]["input_tokens"]
+    assert prompt_total(final.usage) == prompt_total(created["usage"])
     assert final.usage.output_tokens == created["usage"]["output_tokens"]
     assert final.id.startswith("msg_") and final.id != created["id"]
 
@@ -315,7 +323,8 @@ def test_stream_raw_sse(http: httpx.Client, created: dict[str, Any]) -> None:
     start = payloads[0]["message"]
     assert start["content"] == [] and start["stop_reason"] is None
     assert start["stop_sequence"] is None
-    assert start["usage"]["input_tokens"] == created["usage"]["input_tokens"]
+    # message_start cannot know the cached part yet: the whole prompt; message_delta splits it.
+    assert start["usage"]["input_tokens"] == prompt_total(created["usage"])
     assert start["usage"]["output_tokens"] in (0, 1)
     block_start = payloads[names.index("content_block_start")]
     assert block_start["index"] == 0
@@ -327,6 +336,8 @@ def test_stream_raw_sse(http: httpx.Client, created: dict[str, Any]) -> None:
     message_delta = payloads[names.index("message_delta")]
     assert message_delta["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
     assert message_delta["usage"]["output_tokens"] == created["usage"]["output_tokens"]
+    assert prompt_total(message_delta["usage"]) == prompt_total(created["usage"])
+    assert message_delta["usage"]["cache_read_input_tokens"] > 0  # the same prompt, again
 
 
 def test_client_disconnect_cancels_generation(http: httpx.Client) -> None:

@@ -330,10 +330,14 @@ class Frontend:
         ids = (tok.token_to_id(m) for m in markers)
         return frozenset(i for i in ids if i is not None) & tok.special_ids()
 
-    @functools.cached_property
+    @property
     def special_markers(self) -> Mapping[str, int]:
         """The family's markup strings that are single special tokens, with their ids: a
         forced call's grammar matches them as those tokens (`generation.call_grammar`)."""
+        return self._special_markers
+
+    @functools.cached_property
+    def _special_markers(self) -> Mapping[str, int]:
         tok = self._loaded.tokenizer
         special = tok.special_ids()
         ids = {m: tok.token_to_id(m) for m in self.output_format.markers}

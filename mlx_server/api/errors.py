@@ -54,6 +54,16 @@ def is_anthropic_path(path: str) -> bool:
     return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
+def is_anthropic_request() -> bool:
+    """Anthropic's routes, and the models routes when an Anthropic client asks (it sends
+    `anthropic-version`)."""
+    path = request.path
+    if is_anthropic_path(path):
+        return True
+    models = path == "/v1/models" or path.startswith("/v1/models/")
+    return models and "anthropic-version" in request.headers
+
+
 def is_ollama_path(path: str) -> bool:
     """Ollama's API (`api/ollama`): errors are `{"error": "message"}`."""
     return path.startswith("/api/")
@@ -125,7 +135,7 @@ def error_response(
     """An error in the shape of the API the current request's route belongs to."""
     if is_ollama_path(request.path):
         return _json_response({"error": message}, status, headers)
-    if is_anthropic_path(request.path):
+    if is_anthropic_request():
         return anthropic_error(message, status=status, kind=kind, headers=headers)
     openai_kind = kind if kind in _OPENAI_TYPES.values() or kind is None else None
     if kind == "overloaded_error":
@@ -139,11 +149,11 @@ def error_from_exception(exc: RequestError) -> Response:
     if isinstance(exc, GenerationFailed):  # the engine's own status and kind, as they are
         if is_ollama_path(request.path):
             return _json_response({"error": exc.message}, exc.status, None)
-        if is_anthropic_path(request.path):
+        if is_anthropic_request():
             return anthropic_error(exc.message, status=exc.status, kind=exc.kind)
         return openai_error(exc.message, status=exc.status, kind=exc.kind)
     status = exc.status
-    if exc.kind == "overloaded_error" and is_anthropic_path(request.path):
+    if exc.kind == "overloaded_error" and is_anthropic_request():
         status = 529  # Anthropic's "overloaded" status
     return error_response(exc.message, status=status, kind=exc.kind, param=exc.param, code=exc.code)
 

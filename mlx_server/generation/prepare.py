@@ -4,10 +4,13 @@ equals the `input_tokens` of the same request."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from ..errors import InvalidRequest
 from ..messages import ChatMessage, ConstraintSpec, OutputSpec, PromptSpec, SamplingParams
+from . import system_turns
 from .port import ModelPort
 from .request import Request, resolve_sampling
 from .tool_plan import Plan, enforce, plan
@@ -85,7 +88,7 @@ async def _chat_ids(model: ModelPort, request: Request, tool_plan: Plan) -> tupl
     rendered with that turn closed, and whatever the template wrote after its content (ChatML:
     `<|im_end|>\\n`) is cut off, token by token. That tail is found by also rendering the chat
     with an empty final turn: the two token sequences share it as a common suffix."""
-    chat = request.chat or ()
+    chat = await system_turns.arrange(model, request.chat or ())
     common = {"tools": tool_plan.tools, "template_kwargs": tool_plan.template_kwargs}
     if request.prefill is None:
         spec = PromptSpec(chat=chat, prefill=tool_plan.prefill, **common)
@@ -130,10 +133,22 @@ def check_length(
         raise InvalidRequest(f"{what} has no tokens", param=param)
     room = context_length - len(ids)
     if room < need:
-        raise InvalidRequest(
+        raise ContextTooLong(
             f"this model's maximum context length is {context_length} tokens; "
             f"{what} has {len(ids)}",
             code="context_length_exceeded",
             param=param,
+            tokens=len(ids),
+            limit=context_length,
         )
     return room
+
+
+class ContextTooLong(InvalidRequest):
+    """A prompt the context cannot hold; `tokens` and `limit` let a dialect word it its own
+    way (Anthropic: "prompt is too long: N tokens > M maximum")."""
+
+    def __init__(self, message: str, *, tokens: int, limit: int, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.tokens = tokens
+        self.limit = limit

@@ -1,29 +1,43 @@
 """A Messages request -> the internal `generation.Request`.
 
-- `system` (a string or text blocks) becomes a leading system turn.
+- `system` (a string or text blocks) becomes a leading system turn; text blocks that are
+  billing headers (`x-anthropic-billing-header: ...`, Claude Code's first block, which changes
+  every request) are left out, so the prompt's first bytes stay the same and the prefix cache
+  reaches past them.
+- `system` / `developer` entries inside `messages` (Claude Code's mid-conversation system
+  text) stay system turns where they stand (`generation.system_turns` folds them into the next
+  user turn for templates that refuse them): never hoisted, so the prompt before them is the
+  same from one turn to the next.
 - Each message's content is flattened to text: text blocks joined with a blank line; an
   assistant's `tool_use` blocks become the turn's tool calls and a user's `tool_result` blocks
   become `tool` turns (first, as Anthropic puts them; `is_error` results start with "Error: "),
-  rendered by the model's own template; earlier `thinking` blocks are dropped, as Anthropic
-  drops them; images and documents are refused (text-only model). Consecutive turns of one role
-  are merged, as Anthropic does, so templates that insist on alternation still render.
+  rendered by the model's own template; an assistant's `thinking` blocks become the turn's
+  reasoning, which the template shows or drops (as the OpenAI route's `reasoning_content`);
+  images and documents are refused (text-only model). Consecutive turns of one role are
+  merged, as Anthropic does, so templates that insist on alternation still render.
 - A trailing assistant message is a prefill: the generation continues it and the response holds
   only the continuation (`generation.prepare` cuts what the template writes after it).
 - `tools` go to the template as OpenAI-style functions (server tools as given), so
   `/v1/messages` and `count_tokens` count them the same way; `tool_choice` "any" / "tool" force a
-  call; reasoning is kept (as thinking blocks) only when `thinking` is enabled.
+  call; reasoning is kept (as thinking blocks) only when `thinking` is enabled or adaptive
+  (and not `display: "omitted"`).
+- `thinking` maps onto the template's `enable_thinking`; `output_config.effort` onto its
+  `reasoning_effort` (low / medium / high; xhigh and max as high).
+- `output_config.format` (or the older `output_format`), a JSON schema, is enforced by
+  constrained decoding.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from typing import Any
 
 import attrs
 
 from ...errors import InvalidRequest
 from ...generation import Request, Sampling, ToolChoice
-from ...messages import ChatMessage, ToolCall, ToolSpec
+from ...messages import ChatMessage, ConstraintSpec, ToolCall, ToolSpec
 from . import protocol as p
 
 SEPARATOR = "\n\n"
@@ -32,7 +46,9 @@ SEPARATOR = "\n\n"
 def messages_request(body: p.CountTokensRequest) -> Request:
     chat, prefill = _chat(body)
     thinking = _thinking(body.thinking)
+    shown = thinking and not (body.thinking is not None and body.thinking.display == "omitted")
     tools = _tools(body.tools)
+    output_format, where = _output_format(body)
     request = Request(
         id=f"msg_{uuid.uuid4().hex}",
         model=body.model,
@@ -40,8 +56,11 @@ def messages_request(body: p.CountTokensRequest) -> Request:
         prefill=prefill,
         tools=tools,
         tool_choice=_tool_choice(body.tool_choice, tools),
-        reasoning="split" if thinking else "drop",
+        reasoning="split" if shown else "drop",
         enable_thinking=thinking,
+        template_kwargs=_effort(body.output_config),
+        constraint=output_format,
+        constraint_param=where,
     )
     if not isinstance(body, p.MessagesRequest):
         return request
@@ -57,11 +76,34 @@ def messages_request(body: p.CountTokensRequest) -> Request:
 def _thinking(raw: p.Thinking | None) -> bool:
     if raw is None or raw.type == "disabled":
         return False
-    if raw.budget_tokens is None:
+    if raw.type == "enabled" and raw.budget_tokens is None:
         raise InvalidRequest(
             "'thinking.budget_tokens' must be a positive integer", param="thinking.budget_tokens"
         )
     return True
+
+
+EFFORT = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
+
+
+def _effort(config: p.OutputConfig | None) -> dict[str, str]:
+    """`output_config.effort` as the template's `reasoning_effort` (gpt-oss's control; templates
+    without one ignore it)."""
+    if config is None or config.effort is None:
+        return {}
+    return {"reasoning_effort": EFFORT[config.effort]}
+
+
+def _output_format(body: p.CountTokensRequest) -> tuple[ConstraintSpec | None, str]:
+    if body.output_config is not None and body.output_config.format is not None:
+        return _schema(body.output_config.format.json_schema), "output_config.format.schema"
+    if body.output_format is not None:
+        return _schema(body.output_format.json_schema), "output_format.schema"
+    return None, "output_config.format"
+
+
+def _schema(schema: dict[str, Any]) -> ConstraintSpec:
+    return ConstraintSpec.json_schema(schema)
 
 
 def _tools(tools: list[p.ToolIn] | None) -> tuple[ToolSpec, ...]:
@@ -128,23 +170,37 @@ def _chat(body: p.CountTokensRequest) -> tuple[tuple[ChatMessage, ...], str | No
     return tuple(chat), prefill
 
 
+BILLING_HEADER = "x-anthropic-billing-header:"
+
+
 def _system_text(system: str | list[p.SystemText] | None) -> str | None:
     if system is None or isinstance(system, str):
         return system or None
-    return SEPARATOR.join(block.text for block in system) or None
+    texts = [b.text for b in system if not b.text.lstrip().startswith(BILLING_HEADER)]
+    return SEPARATOR.join(texts) or None
 
 
 def _message_turns(m: p.MessageIn, where: str) -> list[ChatMessage]:
     """One message as template turns: a user's tool results become `tool` turns, an
-    assistant's tool uses its tool calls."""
+    assistant's tool uses its tool calls and its thinking its reasoning."""
+    role = "system" if m.role == "developer" else m.role
     if isinstance(m.content, str):
-        return [ChatMessage(role=m.role, content=m.content)] if m.content else []
+        return [ChatMessage(role=role, content=m.content)] if m.content else []
     results: list[ChatMessage] = []
     texts: list[str] = []
     calls: list[ToolCall] = []
+    thoughts: list[str] = []
     for j, block in enumerate(m.content):
         at = f"{where}[{j}]"
-        if isinstance(block, p.ToolResultBlock) and m.role == "user":
+        if isinstance(block, p.ThinkingBlock) and role == "assistant":
+            if block.type == "thinking" and block.thinking:
+                thoughts.append(block.thinking)
+        elif role == "system" and not isinstance(block, p.TextBlock):
+            raise InvalidRequest(
+                f"'{at}': a system message takes text blocks only, got {block.type!r}",
+                param=at,
+            )
+        elif isinstance(block, p.ToolResultBlock) and m.role == "user":
             text = _result_text(block.content, f"{at}.content")
             if block.is_error is True:
                 text = f"Error: {text}"
@@ -157,10 +213,17 @@ def _message_turns(m: p.MessageIn, where: str) -> list[ChatMessage]:
                 texts.append(text)
     out = list(results)
     text = SEPARATOR.join(t for t in texts if t)
-    if calls:
-        out.append(ChatMessage(role=m.role, content=text or None, tool_calls=tuple(calls)))
+    reasoning = "\n".join(thoughts) or None
+    if calls or (reasoning and text):
+        out.append(
+            ChatMessage(
+                role=role, content=text or None, tool_calls=tuple(calls), reasoning=reasoning
+            )
+        )
     elif text:
-        out.append(ChatMessage(role=m.role, content=text))
+        out.append(ChatMessage(role=role, content=text))
+    elif reasoning:  # thinking only: a prefill that continues after the thinking
+        out.append(ChatMessage(role=role, content="", reasoning=reasoning))
     return out
 
 
@@ -199,6 +262,10 @@ def _append_turn(turns: list[ChatMessage], turn: ChatMessage) -> None:
         turns.append(turn)
         return
     content = SEPARATOR.join(c for c in (last.content, turn.content) if c) or None
+    reasoning = "\n".join(r for r in (last.reasoning, turn.reasoning) if r) or None
     turns[-1] = ChatMessage(
-        role=turn.role, content=content, tool_calls=last.tool_calls + turn.tool_calls
+        role=turn.role,
+        content=content,
+        tool_calls=last.tool_calls + turn.tool_calls,
+        reasoning=reasoning,
     )

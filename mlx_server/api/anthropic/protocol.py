@@ -39,7 +39,9 @@ class MediaBlock(Part):
 
 
 class ThinkingBlock(Part):
-    """Earlier thinking: dropped from the prompt, as Anthropic drops it."""
+    """Earlier thinking: the assistant turn's reasoning for the template (which decides
+    whether to show it: Qwen3's shows it only after the last user turn); redacted thinking has
+    no text and is dropped."""
 
     type: Literal["thinking", "redacted_thinking"]
     thinking: str | None = None
@@ -73,7 +75,10 @@ ToolResultBlock.model_rebuild()
 
 
 class MessageIn(Part):
-    role: Literal["user", "assistant"]
+    """A turn; `system` / `developer` entries are mid-conversation system text (Anthropic's
+    beta `mid-conversation-system`), kept where they stand (`generation.system_turns`)."""
+
+    role: Literal["user", "assistant", "system", "developer"]
     content: str | list[Block]
 
 
@@ -100,11 +105,29 @@ class ToolChoiceIn(Part):
 
 
 class Thinking(Part):
-    """Extended thinking: `budget_tokens` is accepted, not enforced (the model stops thinking
-    on its own)."""
+    """Extended thinking: "enabled" (with `budget_tokens`, accepted, not enforced: the model
+    stops thinking on its own), "adaptive" (the model decides; `display` "omitted" leaves the
+    thinking out of the response), or "disabled"."""
 
-    type: Literal["enabled", "disabled"]
+    type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
+    display: Literal["summarized", "omitted"] | None = None
+
+
+class JsonOutputFormat(Part):
+    """Structured output: the answer is JSON valid against `schema`, enforced by constrained
+    decoding (a schema the engine cannot enforce is a 400 before anything is generated)."""
+
+    type: Literal["json_schema"]
+    json_schema: Annotated[dict[str, Any], Field(alias="schema")]
+
+
+class OutputConfig(Part):
+    """`effort` goes to the chat template as `reasoning_effort` (low / medium / high; xhigh and
+    max as high); `format` is structured output."""
+
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    format: JsonOutputFormat | None = None
 
 
 class Metadata(Part):
@@ -118,6 +141,8 @@ class CountTokensRequest(Model):
     tools: list[ToolIn] | None = None
     tool_choice: ToolChoiceIn | None = None
     thinking: Thinking | None = None
+    output_config: OutputConfig | None = None
+    output_format: JsonOutputFormat | None = None  # the older name of output_config.format
 
 
 class MessagesRequest(CountTokensRequest):

@@ -1,21 +1,25 @@
 """Results and stream events in Anthropic's shapes: a message, or its event stream.
 
-Usage: `input_tokens` is the whole prompt, the same number `count_tokens` returns. The prompt
-cache is automatic, not something the request asked for with `cache_control`, and Anthropic's
-cache fields add to `input_tokens`; so they are reported as 0 rather than double counting.
+Usage, as Anthropic counts it: `cache_read_input_tokens` is the part of the prompt the prefix
+cache served (the server's cache is automatic, `cache_control` or not) and `input_tokens` the
+rest, so the two add up to the whole prompt, the number `count_tokens` returns. A stream's
+`message_start` cannot know the cached part yet: it reports the whole prompt as
+`input_tokens`, and `message_delta` the final split (the SDK takes the later figures).
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import attrs
 
 from ...actors.frontend import Frontend
+from ...actors.pool import ModelSlot
 from ...generation import Prepared, Tally
 from ...generation.accumulate import NO_RESULT
 from ...messages import (
@@ -32,12 +36,42 @@ from .. import sse
 from ..errors import anthropic_error_body
 
 
-def usage_json(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+def usage_json(input_tokens: int, output_tokens: int, cached: int = 0) -> dict[str, Any]:
+    """`input_tokens`: the whole prompt; `cached`: how much of it the prefix cache served."""
+    cached = max(0, min(cached, input_tokens))
     return {
-        "input_tokens": input_tokens,
+        "input_tokens": input_tokens - cached,
         "output_tokens": output_tokens,
         "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+    }
+
+
+def model_info_json(slot: ModelSlot) -> dict[str, Any]:
+    """Anthropic's model object (`GET /v1/models` with an `anthropic-version` header)."""
+    fe = slot.frontend
+    info: dict[str, Any] = {
+        "type": "model",
+        "id": slot.name,
+        "display_name": slot.name,
+        "created_at": datetime.datetime.fromtimestamp(slot.created, datetime.UTC)
+        .isoformat()
+        .replace("+00:00", "Z"),
+        "lifecycle": "active",
+    }
+    if fe is not None:
+        info["max_input_tokens"] = fe.context_length
+    return info
+
+
+def model_list_json(slots: Sequence[ModelSlot]) -> dict[str, Any]:
+    """Anthropic's page of models: every model on one page."""
+    data = [model_info_json(slot) for slot in slots]
+    return {
+        "data": data,
+        "has_more": False,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
     }
 
 
@@ -53,7 +87,7 @@ def stop_reason(finished: Finished, tool_use: bool = False) -> str:
 
 def signature(thinking: str) -> str:
     """Thinking blocks carry a signature the SDK passes back; ours is a digest of the text
-    (the server does not check it: earlier thinking is dropped from prompts anyway)."""
+    (the server does not check it: thinking sent back is only shown to the template)."""
     return base64.b64encode(hashlib.sha256(thinking.encode()).digest()).decode()
 
 
@@ -83,6 +117,7 @@ class MessageRender:
         content: list[dict[str, Any]],
         output_tokens: int,
         finished: Finished | None,
+        cached: int = 0,
     ) -> dict[str, Any]:
         tool_use = any(block.get("type") == "tool_use" for block in content)
         return {
@@ -93,7 +128,7 @@ class MessageRender:
             "content": content,
             "stop_reason": stop_reason(finished, tool_use) if finished else None,
             "stop_sequence": finished.stop_sequence if finished else None,
-            "usage": usage_json(prepared.prompt_tokens, output_tokens),
+            "usage": usage_json(prepared.prompt_tokens, output_tokens, cached),
         }
 
     def complete(self, prepared: Prepared, tally: Tally) -> dict[str, Any]:
@@ -116,7 +151,9 @@ class MessageRender:
                 }
             )
         usage = choice.finished.usage
-        return self.message_json(prepared, content, usage.completion_tokens, choice.finished)
+        return self.message_json(
+            prepared, content, usage.completion_tokens, choice.finished, usage.cached_tokens
+        )
 
     async def stream(
         self,
@@ -144,7 +181,9 @@ class MessageRender:
                     "stop_reason": stop_reason(ev, blocks.tool_use),
                     "stop_sequence": ev.stop_sequence,
                 }
-                usage = usage_json(ev.usage.prompt_tokens, ev.usage.completion_tokens)
+                usage = usage_json(
+                    ev.usage.prompt_tokens, ev.usage.completion_tokens, ev.usage.cached_tokens
+                )
                 yield _event("message_delta", delta=delta, usage=usage)
                 yield _event("message_stop")
                 break

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from quart import Blueprint, Response
 
+from ...errors import InvalidRequest
 from ...generation import count_tokens as prompt_tokens
+from ...generation.prepare import ContextTooLong
 from .. import outcome
 from ..protocol import parse
 from ..run import model_for, run
@@ -29,7 +33,8 @@ async def _request_id(response: Response) -> Response:
 @bp.post("/v1/messages")
 async def create_message() -> Response | dict[str, Any]:
     body = await parse(MessagesRequest)
-    return await run(convert.messages_request(body), MessageRender())
+    with _anthropic_wording():
+        return await run(convert.messages_request(body), MessageRender())
 
 
 @bp.post("/v1/messages/count_tokens")
@@ -37,3 +42,14 @@ async def count_tokens() -> dict[str, Any]:
     """The prompt `/v1/messages` would read, counted the same way (`generation.prepare`)."""
     request = convert.messages_request(await parse(CountTokensRequest))
     return {"input_tokens": await prompt_tokens(await model_for(request), request)}
+
+
+@contextlib.contextmanager
+def _anthropic_wording() -> Iterator[None]:
+    """A prompt over the context in the words Anthropic uses (clients such as Claude Code
+    recognise them and compact the conversation)."""
+    try:
+        yield
+    except ContextTooLong as exc:
+        message = f"prompt is too long: {exc.tokens} tokens > {exc.limit} maximum"
+        raise InvalidRequest(message, param=exc.param, code=exc.code) from None

@@ -9,6 +9,8 @@ from quart import Blueprint, Response
 from ...actors.pool import ModelPool, ModelSlot
 from ...generation.prepare import check_length
 from .. import outcome
+from ..anthropic import render as anthropic_render
+from ..errors import is_anthropic_request
 from ..protocol import parse
 from ..run import run
 from ..state import models, use_model
@@ -64,12 +66,16 @@ async def embeddings() -> Response | dict[str, Any]:
 @bp.get("/v1/models")
 async def list_models() -> dict[str, Any]:
     pool = models()
+    if is_anthropic_request():  # Anthropic's client sends `anthropic-version`
+        return anthropic_render.model_list_json(pool.slots)
     return {"object": "list", "data": [model_json(slot, pool) for slot in pool.slots]}
 
 
 @bp.get("/v1/models/<path:model_id>")
 async def get_model(model_id: str) -> dict[str, Any]:
     pool = models()
+    if is_anthropic_request():
+        return anthropic_render.model_info_json(pool.resolve(model_id))
     return model_json(pool.resolve(model_id), pool)
 
 
