@@ -369,6 +369,22 @@ def test_engine_equals_mlx_lm(
 
     check_prefix_cache(arch, engine, ref)
 
+    # Prompts that arrive together are read in one padded batch (one step reads all four),
+    # whatever the cache types.
+    together = engine_for(loaded, prefill_chunk=512)
+    for i, p in enumerate(ref.prompts[: len(TOPICS)]):
+        together.admit(greedy(str(i), p, N_TOKENS))
+    first = together.step()
+    assert not together.prefilling and len(together.running) == len(TOPICS), arch
+    tokens = collections.defaultdict(list)
+    for ev in first:
+        if isinstance(ev, TokenOut):
+            tokens[ev.request_id].append(ev.token_id)
+    run = drive(together, [])
+    for i in range(len(TOPICS)):
+        got = tokens[str(i)] + run.tokens.get(str(i), [])
+        assert got == list(ref.tokens[i]), f"{arch}: request {i} read in a batch"
+
 
 async def ask(client: httpx.AsyncClient, name: str, topic: str) -> dict[str, Any]:
     r = await client.post(

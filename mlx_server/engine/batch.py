@@ -99,8 +99,10 @@ class BatchEngine:
         self.batchable = cache_ops.batchable(caches)
         self.can_reuse = cache_ops.storable(caches)
         self._n_caches = len(caches)
-        # New prompts that arrive together are read in one left-padded batch (plain KV models).
-        self.batch_prefill = cache_ops.all_plain(caches) and getattr(model, "batched_prefill", True)
+        # New prompts that arrive together are read in one batch: left-padded for plain KV
+        # caches, right-padded (mlx-lm's prepare/finalize) for the other types that batch.
+        self._plain = cache_ops.all_plain(caches)
+        self.batch_prefill = self.batchable and getattr(model, "batched_prefill", True)
         # Distributed serving: makes every rank use rank 0's sampled tokens (lazily, in-graph).
         self.share_tokens: Callable[[mx.array], mx.array] | None = None
         # The next tokens of the first rows of the batch, computed ahead and not yet read.
@@ -240,13 +242,18 @@ class BatchEngine:
         the prompt tokens read."""
         for _ in group:
             self.prefilling.popleft()
-        width = max(len(s.prompt) for s in group)
-        pads = [width - len(s.prompt) for s in group]
-        tokens = mx.array([[0] * p + s.prompt for p, s in zip(pads, group, strict=True)])
-        cache: list[Any] = [BatchKVCache(pads) for _ in range(self._n_caches)]
-        if width > 1:
-            self._forward_hidden(tokens[:, :-1], cache)
-        logits = self.model(tokens[:, -1:], cache=cache)[:, -1, :]
+        if self._plain:
+            width = max(len(s.prompt) for s in group)
+            pads = [width - len(s.prompt) for s in group]
+            tokens = mx.array([[0] * p + s.prompt for p, s in zip(pads, group, strict=True)])
+            cache: list[Any] = [BatchKVCache(pads) for _ in range(self._n_caches)]
+            if width > 1:
+                self._forward_hidden(tokens[:, :-1], cache)
+            logits = self.model(tokens[:, -1:], cache=cache)[:, -1, :]
+        else:
+            cache = self._right_padded_prefill(group)
+            last = mx.array([s.prompt[-1:] for s in group])
+            logits = self.model(last, cache=cache)[:, -1, :]
         for seq in group:
             seq.prefilled = len(seq.prompt)
             seq.cache = None
@@ -268,6 +275,29 @@ class BatchEngine:
                     c.filter(keep)
             self._join_rows([group[i] for i in keep], cache)
         return sum(len(s.prompt) for s in group)
+
+    def _right_padded_prefill(self, group: list[Sequence]) -> list[Any]:
+        """All but the last token of each prompt, read in one right-padded batch as mlx-lm's
+        BatchGenerator does: empty caches merged into batched ones, told each row's length
+        (recurrent state stops at it; a sliding window keeps the row's own last positions),
+        then shifted to the left-padded form decoding uses."""
+        fresh = [make_prompt_cache(self.model) for _ in group]
+        cache = [fresh[0][i].merge([f[i] for f in fresh]) for i in range(self._n_caches)]
+        lengths = [len(s.prompt) - 1 for s in group]
+        width = max(lengths)
+        if width == 0:
+            return cache
+        padding = [width - n for n in lengths]
+        if max(padding) > 0:
+            for c in cache:
+                c.prepare(lengths=lengths, right_padding=padding)
+        tokens = mx.array([s.prompt[:-1] + [0] * p for s, p in zip(group, padding, strict=True)])
+        self._forward_hidden(tokens, cache)
+        if max(padding) > 0:
+            for c in cache:
+                c.finalize()
+        mx.eval(cache_ops.arrays(cache))
+        return cache
 
     def _join_rows(self, rows: list[Sequence], cache: list[Any]) -> None:
         """Add rows whose batched caches are `cache` to the decode batch."""
