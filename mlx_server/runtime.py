@@ -123,6 +123,7 @@ async def serve(
                 await rank_lost.wait()
                 message = f"distributed serving failed: {lost_why[0]}"
                 server_state.status = "failed"
+                server_state.reason = message
                 pool.fail_all(message)
                 await trio.sleep(0.5)
                 stop_http.set()

@@ -198,6 +198,7 @@ def test_losing_rank_1_mid_stream_is_an_in_band_error_and_a_prompt_nonzero_exit(
                 health = client.get("/health", timeout=5)
                 assert health.status_code == 503
                 assert health.json()["status"] == "failed"
+                assert health.json()["reason"].startswith("distributed serving failed: rank 1")
             except httpx.TransportError:  # already gone: that is what the exit code says
                 pass
         # Killed: noticed at once. Frozen: after `timeout` of silence. Then about 2 s to let

@@ -54,6 +54,8 @@ def create_app(settings: Settings, server_state: ServerState) -> QuartTrio:
     async def health() -> Response | tuple[dict[str, object], int]:
         st = state()
         body: dict[str, object] = {"status": st.status}
+        if st.reason is not None:
+            body["reason"] = st.reason
         pool = st.models
         if pool is not None:
             body["model"] = pool.default.name

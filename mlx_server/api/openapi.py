@@ -40,6 +40,7 @@ REF = "#/components/schemas/{model}"
 
 class Health(Response):
     status: Literal["loading", "ok", "failed", "stopping"]
+    reason: str | None = None
     model: str | None = None
     running: int | None = None
     waiting: int | None = None

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 class ServerState:
     models: ModelPool | None = None
     status: str = "loading"  # loading | ok | failed | stopping
+    reason: str | None = None  # why the status is "failed", for /health
 
 
 def state() -> ServerState:
