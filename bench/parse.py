@@ -17,7 +17,6 @@ library gives for a few bad bodies, and the server's own 400 for them (`param` a
     uv run --with msgspec --with cattrs python -m bench.parse --repeat 300
 """
 
-
 import argparse
 import json
 import statistics
