@@ -128,6 +128,14 @@ def test_chat_thinking_and_options(client: ollama.Client) -> None:
     assert capped.done_reason == "length" and capped.eval_count == 3
     assert capped.message.content == HELLO[:3]
 
+    # More stop strings than OpenAI's four.
+    stopped = client.chat(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        options={"stop": ["zzz", "yyy", "xxx", "www", " scripted"]},
+    )
+    assert stopped.message.content == "Hello from the" and stopped.done_reason == "stop"
+
 
 def test_tool_call_round_trip(client: ollama.Client) -> None:
     messages: list[Any] = [{"role": "user", "content": "WEATHER in Paris?"}]

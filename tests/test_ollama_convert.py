@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
-from mlx_server.api.ollama.convert import chat_body, generate_body
+from mlx_server.api.ollama import convert
+from mlx_server.api.ollama import protocol as p
 from mlx_server.api.ollama.render import OllamaWriter, timestamp
+from mlx_server.api.protocol import parse_object
 from mlx_server.errors import InvalidRequest
 from mlx_server.messages import (
     Finished,
@@ -23,6 +25,15 @@ from mlx_server.messages import (
 )
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 20).decode()
+
+
+def chat_body(body: dict[str, Any]) -> dict[str, Any]:
+    """Parse as the route does, then convert."""
+    return convert.chat_body(parse_object(p.ChatRequest, {"model": "m", **body}))
+
+
+def generate_body(body: dict[str, Any]) -> dict[str, Any]:
+    return convert.generate_body(parse_object(p.GenerateRequest, body))
 
 
 def test_chat_body_maps_options_format_think_images_and_tools() -> None:
@@ -52,7 +63,7 @@ def test_chat_body_maps_options_format_think_images_and_tools() -> None:
             "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
         }
     )
-    assert body["temperature"] == 0.1 and body["max_tokens"] == 7 and body["stop"] == ["x"]
+    assert body["temperature"] == 0.1 and body["max_tokens"] == 7 and "stop" not in body
     assert body["repetition_penalty"] == 1.1 and "num_ctx" not in body
     assert body["response_format"]["json_schema"]["schema"] == {"type": "object"}
     user = body["messages"][1]
@@ -86,13 +97,51 @@ def test_generate_body() -> None:
         ({"messages": [], "options": {"num_predict": "many"}}, "options.num_predict"),
         ({"messages": [], "format": "yaml"}, "format"),
         ({"messages": [], "think": "extreme"}, "think"),
-        ({"messages": [], "tools": [{"function": {}}]}, "tools[0].function"),
+        ({"messages": [], "tools": [{"function": {}}]}, "tools[0].function.name"),
+        ({"messages": [], "options": {"temperature": 3}}, "options.temperature"),
+        ({"messages": [], "options": {"stop": "x"}}, "options.stop"),
+        ({"messages": [], "stream": "yes"}, "stream"),
+        ({"messages": [], "keep_alive": [1]}, "keep_alive"),
+        ({"model": "", "messages": []}, "model"),
+        (
+            {"messages": [{"role": "user", "content": "x", "images": ["not base64!"]}]},
+            "messages[0].images[0]",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}],
+                    }
+                ]
+            },
+            "messages[0].tool_calls[0].function.arguments",
+        ),
     ],
 )
 def test_bad_chat_bodies(body: dict[str, Any], param: str) -> None:
     with pytest.raises(InvalidRequest) as excinfo:
         chat_body(body)
     assert excinfo.value.param == param
+    assert excinfo.value.message.startswith(f"'{param}'"), excinfo.value.message
+
+
+def test_keep_alive_durations() -> None:
+    assert convert.keep_alive(None) is None and convert.keep_alive(0) == 0.0
+    assert convert.keep_alive("0") == 0.0 and convert.keep_alive(-1) == -1.0
+    assert convert.keep_alive("5m") == 300.0 and convert.keep_alive("1h30m") == 5400.0
+    assert convert.keep_alive("250ms") == 0.25 and convert.keep_alive("-1s") == -1.0
+    for bad in ("5 minutes", "m", "", "5x", "1h 30m"):
+        with pytest.raises(InvalidRequest) as excinfo:
+            convert.keep_alive(bad)
+        assert excinfo.value.param == "keep_alive"
+
+
+def test_stops_go_beyond_openais_four() -> None:
+    body = parse_object(p.ChatRequest, {"model": "m", "options": {"stop": list("abcdef")}})
+    assert convert.stops(body.options) == tuple("abcdef")
+    assert "stop" not in convert.chat_body(body)
 
 
 def test_writer_chat_stream_and_whole() -> None:

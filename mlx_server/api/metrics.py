@@ -43,7 +43,9 @@ if TYPE_CHECKING:
 
 CLIENT_CLOSED = 499  # nginx's status for "the client went away before the response"
 REJECT_REASONS = ("auth", "rate_limit", "overloaded", "too_large", "timeout", "invalid")
-_GENERATION_RULES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages"})
+_GENERATION_RULES = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/api/chat", "/api/generate"}
+)
 TTFT_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
     1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0,

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -35,13 +34,15 @@ from ...messages import PromptSpec
 from .. import outcome
 from ..openai import convert as openai_convert
 from ..openai.protocol import ChatCompletionRequest, CompletionRequest
-from ..protocol import parse_object
+from ..protocol import Model, parse_bytes, parse_object
 from ..run import run
 from ..state import models, use_model
 from . import convert
+from . import protocol as p
 from .render import Mode, OllamaRender, ndjson, timestamp
 
 bp = Blueprint("ollama", __name__)
+M = TypeVar("M", bound=Model)
 
 # The Ollama API version these routes follow (clients compare it against features they need).
 OLLAMA_API_VERSION = "0.12.6"
@@ -51,31 +52,18 @@ NDJSON = "application/x-ndjson"
 # -- reading requests -----------------------------------------------------------------------
 
 
-async def _body() -> dict[str, Any]:
+async def _body(model: type[M]) -> M:
+    """The request body as `model` (whatever its content type: Ollama's clients and the curl
+    examples do not all send application/json); a 400 naming the bad field otherwise."""
     raw = await request.get_data(as_text=False)
     if not raw:
         raise InvalidRequest("the request body is empty; send a JSON object")
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise InvalidRequest("the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    return body
+    return parse_bytes(model, raw)
 
 
-def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"'{name}' must be a boolean", param=name)
-    return value
-
-
-def _slot(value: object) -> ModelSlot:
+def _slot(value: str | None) -> ModelSlot:
     """The served model a request names; Ollama's `:latest` tag is the model itself."""
-    if not isinstance(value, str) or not value:
+    if not value:
         raise InvalidRequest("'model' is required", param="model")
     pool = models()
     try:
@@ -85,31 +73,6 @@ def _slot(value: object) -> ModelSlot:
         if base and tag == "latest":
             return pool.resolve(base)
         raise
-
-
-_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ms|h|m|s)")
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-
-
-def _keep_alive(value: object) -> float | None:
-    """Seconds: a number, or a duration such as "5m", "1h30m" (negative: forever)."""
-    if value is None:
-        return None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            return float(text)
-        except ValueError:
-            pass
-        parts = _DURATION.findall(text)
-        if parts and "".join(n + u for n, u in parts) == text:
-            return sum(float(n) * _UNITS[u] for n, u in parts)
-    raise InvalidRequest(
-        "'keep_alive' must be a number of seconds or a duration such as \"5m\"",
-        param="keep_alive",
-    )
 
 
 def _ndjson(result: Response | dict[str, Any]) -> Response | dict[str, Any]:
@@ -124,37 +87,33 @@ def _ndjson(result: Response | dict[str, Any]) -> Response | dict[str, Any]:
 
 @bp.post("/api/chat")
 async def chat() -> Response | dict[str, Any]:
-    raw = await _body()
-    stream = _flag(raw, "stream", True)
-    keep = _keep_alive(raw.get("keep_alive"))  # accepted; models stay loaded (--idle-unload)
-    slot = _slot(raw.get("model"))
-    if not raw.get("messages"):
-        return await _load_or_unload(slot, keep, "chat", stream)
-    body = convert.chat_body(raw)
-    body.pop("reasoning", None)
-    body.update(model=slot.name, stream=stream)
-    request_ = openai_convert.chat_request(parse_object(ChatCompletionRequest, body))
+    body = await _body(p.ChatRequest)
+    keep = convert.keep_alive(body.keep_alive)  # else accepted; models stay loaded
+    slot = _slot(body.model)
+    if not body.messages:
+        return await _load_or_unload(slot, keep, "chat", body.stream is not False)
+    chat = convert.chat_body(body) | {"model": slot.name}
+    request_ = openai_convert.chat_request(parse_object(ChatCompletionRequest, chat))
+    request_ = attrs.evolve(request_, stop=convert.stops(body.options))
     return _ndjson(await run(request_, OllamaRender(mode="chat")))
 
 
 @bp.post("/api/generate")
 async def generate() -> Response | dict[str, Any]:
-    raw = await _body()
-    stream = _flag(raw, "stream", True)
-    keep = _keep_alive(raw.get("keep_alive"))  # accepted; models stay loaded (--idle-unload)
-    slot = _slot(raw.get("model"))
-    if not raw.get("prompt") and not raw.get("images"):
-        return await _load_or_unload(slot, keep, "generate", stream)
-    body = convert.generate_body(raw)
-    body.update(model=slot.name, stream=stream)
+    body = await _body(p.GenerateRequest)
+    keep = convert.keep_alive(body.keep_alive)
+    slot = _slot(body.model)
+    if not body.prompt and not body.images:
+        return await _load_or_unload(slot, keep, "generate", body.stream is not False)
+    converted = convert.generate_body(body) | {"model": slot.name}
     request_: Request
-    if body.pop("raw", False):
-        request_ = openai_convert.completion_request(parse_object(CompletionRequest, body))
-        if "max_tokens" not in body:  # the server's default, not the completions API's 16
+    if converted.pop("raw", False):
+        request_ = openai_convert.completion_request(parse_object(CompletionRequest, converted))
+        if "max_tokens" not in converted:  # the server's default, not the completions API's 16
             request_ = attrs.evolve(request_, max_tokens=None)
     else:
-        body.pop("reasoning", None)
-        request_ = openai_convert.chat_request(parse_object(ChatCompletionRequest, body))
+        request_ = openai_convert.chat_request(parse_object(ChatCompletionRequest, converted))
+    request_ = attrs.evolve(request_, stop=convert.stops(body.options))
     return _ndjson(await run(request_, OllamaRender(mode="generate")))
 
 
@@ -202,21 +161,14 @@ async def _embed(
 
 @bp.post("/api/embed")
 async def embed() -> dict[str, Any]:
-    raw = await _body()
-    slot = _slot(raw.get("model"))
-    texts = raw.get("input")
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-        raise InvalidRequest("'input' must be a string or an array of strings", param="input")
-    dimensions = raw.get("dimensions")
-    if dimensions is not None and (
-        not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1
-    ):
-        raise InvalidRequest("'dimensions' must be a positive integer", param="dimensions")
-    truncate = _flag(raw, "truncate", True)
+    body = await _body(p.EmbedRequest)
+    convert.keep_alive(body.keep_alive)
+    slot = _slot(body.model)
+    texts = [body.input] if isinstance(body.input, str) else body.input
     started = time.monotonic()
-    name, vectors, tokens = await _embed(slot, texts, truncate=truncate, dimensions=dimensions)
+    name, vectors, tokens = await _embed(
+        slot, texts, truncate=body.truncate is not False, dimensions=body.dimensions
+    )
     return {
         "model": name,
         "embeddings": vectors,
@@ -229,14 +181,12 @@ async def embed() -> dict[str, Any]:
 @bp.post("/api/embeddings")
 async def embeddings() -> dict[str, Any]:
     """The legacy form: one `prompt`, one `embedding`."""
-    raw = await _body()
-    slot = _slot(raw.get("model"))
-    prompt = raw.get("prompt")
-    if prompt is None or prompt == "":
+    body = await _body(p.EmbeddingsRequest)
+    convert.keep_alive(body.keep_alive)
+    slot = _slot(body.model)
+    if not body.prompt:
         return {"embedding": []}
-    if not isinstance(prompt, str):
-        raise InvalidRequest("'prompt' must be a string", param="prompt")
-    _, vectors, _ = await _embed(slot, [prompt], truncate=True, dimensions=None)
+    _, vectors, _ = await _embed(slot, [body.prompt], truncate=True, dimensions=None)
     return {"embedding": vectors[0]}
 
 
@@ -338,8 +288,8 @@ async def ps() -> dict[str, Any]:
 
 @bp.post("/api/show")
 async def show() -> dict[str, Any]:
-    raw = await _body()
-    slot = _slot(raw.get("model") or raw.get("name"))
+    body = await _body(p.ShowRequest)
+    slot = _slot(body.model or body.name)
     details, config = await _describe(slot)
     fe = slot.frontend
     context = fe.context_length if fe is not None else config.get("max_position_embeddings")
