@@ -298,6 +298,10 @@ def test_max_image_pixels_bounds_image_tokens(tmp_path: Path) -> None:
     assert vp.image_tokens == 4
     assert vision.count_prompt_tokens(small, prompt, [(400, 400)]) == len(vp.input_ids)
     assert vision.generate_greedy(small, vp, MAX_TOKENS) == _mlx_vlm_greedy(small, prompt, [big])
+    gemma = tmp_path / "gemma3"
+    build_tiny_vlm(gemma, "gemma3")
+    fixed = vision.load_vision_model(gemma, max_image_pixels=56 * 56)
+    assert vision.count_image_tokens(fixed, 4000, 3000) == 4
 
 
 def test_placeholder_count_must_match_images(vm: vision.VisionModel) -> None:

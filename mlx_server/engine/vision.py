@@ -145,7 +145,8 @@ def load_vision_model(model_dir: Path, *, max_image_pixels: int | None = None) -
 
     `max_image_pixels` lowers the processor's resizing bound (Qwen2.5-VL's own is 12.8
     megapixels, ~16k image tokens): images larger than that are scaled down before the encoder,
-    which bounds every image's token count (`count_image_tokens` follows it)."""
+    which bounds every image's token count (`count_image_tokens` follows it). Fixed-size
+    encoders (Gemma 3) ignore it."""
     try:
         config = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -518,10 +519,7 @@ def _unprocessable(e: ValueError) -> ImageError:
 def _bound_pixels(image_processor: Any, max_pixels: int) -> None:
     current = getattr(image_processor, "max_pixels", None)
     if current is None:
-        raise ModelLoadError(
-            f"{type(image_processor).__name__} has a fixed image size; max_image_pixels "
-            "does not apply"
-        )
+        return  # a fixed-size encoder (Gemma 3): every image is already the same few tokens
     image_processor.max_pixels = min(int(current), max_pixels)
     minimum = getattr(image_processor, "min_pixels", None)
     if minimum is not None and minimum > image_processor.max_pixels:
