@@ -186,6 +186,30 @@ TINY_ARGS: dict[str, dict[str, Any]] = {
         "attention_bias": False,
         "mlp_bias": False,
     },
+    # Chunked attention (mlx-lm's ChunkedKVCache, chunks of 16) in 3 layers of 4, global in
+    # the fourth; experts in every other layer. Its caches do not batch.
+    "llama4": {
+        "text_config": {
+            "model_type": "llama4_text",
+            "attention_bias": False,
+            "attention_chunk_size": 16,
+            "head_dim": 16,
+            "hidden_size": 64,
+            "interleave_moe_layer_step": 2,
+            "intermediate_size": 64,
+            "intermediate_size_mlp": 128,
+            "max_position_embeddings": 4096,
+            "num_attention_heads": 4,
+            "num_experts_per_tok": 1,
+            "num_hidden_layers": 4,
+            "num_key_value_heads": 2,
+            "num_local_experts": 4,
+            "rms_norm_eps": 1e-5,
+            "rope_scaling": None,
+            "rope_theta": 500000.0,
+            "use_qk_norm": True,
+        },
+    },
     # Hybrid: short gated convolutions (conv state caches) and 2 attention layers.
     "lfm2": {
         "hidden_size": 64,
@@ -259,6 +283,8 @@ def build_tiny_model(
         **TINY_ARGS[model_type],
         **overrides,
     }
+    if isinstance(config.get("text_config"), dict):  # multimodal layout: the text model's own
+        config["text_config"] = {"vocab_size": config["vocab_size"], **config["text_config"]}
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
