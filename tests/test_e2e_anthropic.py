@@ -17,6 +17,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import pydantic
 import pytest
 from anthropic.types import MessageParam
 
@@ -441,7 +442,9 @@ ERROR_CASES = [
     pytest.param({"max_tokens": 5, "messages": USER_HI}, 400, id="missing-model"),
     pytest.param({**OK, "messages": []}, 400, id="empty-messages"),
     pytest.param({**OK, "messages": [{"role": "robot", "content": "hi"}]}, 400, id="bad-role"),
-    pytest.param({**OK, "messages": [{"role": "system", "content": "hi"}]}, 400, id="system-role"),
+    pytest.param(
+        {**OK, "messages": [{"role": "system", "content": "hi"}]}, 400, id="only-system-role"
+    ),
     pytest.param({**OK, "messages": [{"role": "user", "content": ""}]}, 400, id="empty-content"),
     pytest.param({**OK, "messages": [{"role": "user", "content": 5}]}, 400, id="content-number"),
     pytest.param(
@@ -509,3 +512,58 @@ def test_sdk_raises(client: anthropic.Anthropic) -> None:
     assert missing.value.status_code == 404
     with pytest.raises(anthropic.BadRequestError):
         client.messages.count_tokens(model=MODEL, messages=[])
+
+
+# --------------------------------------------------------------------------- 5. clients of today
+
+
+def test_messages_parse_with_the_default_model(client: anthropic.Anthropic) -> None:
+    """`messages.parse` with a pydantic output type: the schema is enforced while generating
+    (`output_config.format`), so the SDK's parse of the answer cannot fail."""
+
+    class Capital(pydantic.BaseModel):
+        country: str
+        capital: str
+
+    message = client.messages.parse(
+        model=MODEL,
+        max_tokens=24,
+        messages=[{"role": "user", "content": "The capital of France, as JSON."}],
+        output_format=Capital,
+        **GREEDY,
+    )
+    openapi.validate("Message", message.model_dump(mode="json", exclude={"parsed_output"}))
+    assert message.stop_reason == "end_turn", message.content
+    assert isinstance(message.parsed_output, Capital)
+    assert message.parsed_output.capital == "Paris"
+
+
+def test_claude_code_request_shape(client: anthropic.Anthropic) -> None:
+    """What Claude Code 2.1 sends with its default models: adaptive thinking with an effort,
+    a billing header first in `system`, a mid-conversation `system` entry, context_management.
+    The billing header never reaches the prompt; the answer is the same as without it."""
+    messages: list[Any] = [
+        {"role": "user", "content": QUESTION},
+        {"role": "system", "content": "Answer briefly."},
+    ]
+    extra = {
+        "thinking": {"type": "adaptive"},
+        "output_config": {"effort": "xhigh"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "temperature": 0,
+    }
+    with_header: list[Any] = [
+        {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197; cch=1f2e;"},
+        {"type": "text", "text": "You are a helpful assistant."},
+    ]
+    message = client.messages.create(
+        model=MODEL, max_tokens=4, system=with_header, messages=messages, extra_body=extra
+    )
+    openapi.validate("Message", message.model_dump(mode="json"))
+    counted = client.messages.count_tokens(
+        model=MODEL, system=with_header, messages=messages, extra_body=extra
+    )
+    plain = client.messages.count_tokens(
+        model=MODEL, system=with_header[1:], messages=messages, extra_body=extra
+    )
+    assert counted.input_tokens == plain.input_tokens == prompt_total(message.usage)

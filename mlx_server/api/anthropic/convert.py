@@ -149,6 +149,11 @@ def _tool_choice(raw: p.ToolChoiceIn | None, tools: tuple[ToolSpec, ...]) -> Too
 
 
 def _chat(body: p.CountTokensRequest) -> tuple[tuple[ChatMessage, ...], str | None]:
+    if all(m.role in ("system", "developer") for m in body.messages):
+        raise InvalidRequest(
+            "'messages' must hold a user or assistant message, not only system entries",
+            param="messages",
+        )
     turns: list[ChatMessage] = []
     last = len(body.messages) - 1
     for i, m in enumerate(body.messages):
