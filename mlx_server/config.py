@@ -40,9 +40,9 @@ class Settings:
     rate_limit: int = 0
     timeout: float = 300.0
     log_level: str = "info"
-    max_batch_size: int = 32
+    max_batch_size: int = 0  # 0: auto, from free memory and the model's KV bytes per token
     max_queue: int = 256
-    prefill_chunk: int = 512
+    prefill_chunk: int = 0  # 0: auto, from the device (engine.memory.prefill_budget)
     prompt_cache_bytes: int = 1 << 30
     responses_store_bytes: int = 64 << 20
     served_model_name: str | None = None
@@ -118,6 +118,16 @@ def _at_least(minimum: int, what: str) -> Callable[[str], int]:
         if number < minimum:
             raise _BadValue(f"invalid {what} {value!r} (must be >= {minimum})")
         return number
+
+    return convert
+
+
+def _auto_or_at_least(minimum: int, what: str) -> Callable[[str], int]:
+    """`auto` (stored as 0: decided when the model loads) or an integer >= minimum."""
+    number = _at_least(minimum, what)
+
+    def convert(value: str) -> int:
+        return 0 if value.strip().lower() == "auto" else number(value)
 
     return convert
 
@@ -307,10 +317,11 @@ _OPTIONS: tuple[_Option, ...] = (
     ),
     _Option(
         "max_batch_size",
-        _at_least(1, "max batch size"),
-        "Most requests decoded together in one step.",
-        "N",
-        "32",
+        _auto_or_at_least(1, "max batch size"),
+        "Most requests decoded together in one step; auto sizes it from the memory left "
+        "after loading the model and the model's KV-cache bytes per token (8 to 128 rows).",
+        "N|auto",
+        "auto",
     ),
     _Option(
         "max_queue",
@@ -321,10 +332,11 @@ _OPTIONS: tuple[_Option, ...] = (
     ),
     _Option(
         "prefill_chunk",
-        _at_least(1, "prefill chunk"),
-        "Prompt tokens processed per step.",
-        "N",
-        "512",
+        _auto_or_at_least(1, "prefill chunk"),
+        "Prompt tokens processed per step, between decode passes; auto: 2048 on a GPU, "
+        "512 on the CPU.",
+        "N|auto",
+        "auto",
     ),
     _Option(
         "prompt_cache_bytes",

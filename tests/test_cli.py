@@ -51,9 +51,9 @@ def test_defaults() -> None:
     assert settings.rate_limit == 0
     assert settings.timeout == 300.0
     assert settings.log_level == "info"
-    assert settings.max_batch_size == 32
+    assert settings.max_batch_size == 0  # auto
     assert settings.max_queue == 256
-    assert settings.prefill_chunk == 512
+    assert settings.prefill_chunk == 0  # auto
     assert settings.prompt_cache_bytes == 1 << 30
     assert settings.served_model_name is None
 
@@ -288,9 +288,9 @@ def test_help_lists_every_flag_env_and_default(capsys: pytest.CaptureFixture[str
         ("--rate-limit", "MLX_SERVER_RATE_LIMIT", "0"),
         ("--timeout", "MLX_SERVER_TIMEOUT", "300"),
         ("--log-level", "MLX_SERVER_LOG_LEVEL", "info"),
-        ("--max-batch-size", "MLX_SERVER_MAX_BATCH_SIZE", "32"),
+        ("--max-batch-size", "MLX_SERVER_MAX_BATCH_SIZE", "auto"),
         ("--max-queue", "MLX_SERVER_MAX_QUEUE", "256"),
-        ("--prefill-chunk", "MLX_SERVER_PREFILL_CHUNK", "512"),
+        ("--prefill-chunk", "MLX_SERVER_PREFILL_CHUNK", "auto"),
         ("--prompt-cache-bytes", "MLX_SERVER_PROMPT_CACHE_BYTES", "1GiB"),
         ("--served-model-name", "MLX_SERVER_SERVED_MODEL_NAME", "derived from the model"),
     ]:

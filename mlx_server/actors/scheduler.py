@@ -4,6 +4,12 @@ It keeps up to `max_running` requests in the executor and a bounded queue of wai
 the cache manager for a reusable prompt prefix before admitting a request, and routes each
 executor event to the channel of the request it belongs to. It never blocks on the executor:
 commands go out through a thread-safe queue, step outputs come back into the inbox.
+
+Requests that arrive together are admitted together: the inbox is drained before admitting, and
+a round's prefix lookups all finish before its `Admit`s go out back to back, so the executor
+finds the whole burst in its inbox and reads the fresh prompts in one batch. `admissions` keeps
+each recent request's timeline (submitted, admitted, first prompt chunk read, first token) and
+the admission round it belonged to.
 """
 
 from __future__ import annotations
@@ -77,11 +83,25 @@ class _AbortRequest:
 
 
 @attrs.define(eq=False)
+class Admission:
+    """One request's way in (trio clock seconds): the admission round it joined, when it was
+    submitted, sent to the executor, had its first prompt chunk read and got its first token."""
+
+    request_id: str
+    round: int = 0
+    submitted_at: float = 0.0
+    admitted_at: float | None = None
+    prefill_at: float | None = None
+    first_token_at: float | None = None
+
+
+@attrs.define(eq=False)
 class _Tracked:
     request: GenerationRequest
     events: trio.MemorySendChannel[EngineEvent]
     submitted_at: float = 0.0
     got_token: bool = False
+    admission: Admission | None = None
 
 
 class Scheduler:
@@ -105,6 +125,8 @@ class Scheduler:
         self._submitted = 0  # accepted but not yet finished, counted at submit time
         self.last_batch_size = 0
         self.steps = 0
+        self.rounds = 0  # admission rounds that admitted at least one request
+        self.admissions: collections.deque[Admission] = collections.deque(maxlen=1024)
         self._idle = trio.Event()
         self.metrics: GenerationMetrics = _NoMetrics()
 
@@ -164,18 +186,29 @@ class Scheduler:
         task_status.started()
         try:
             async for msg in self._inbox_recv:
-                if isinstance(msg, _Submit):
-                    self._waiting[msg.request.request_id] = _Tracked(
-                        request=msg.request, events=msg.events, submitted_at=msg.submitted_at
-                    )
-                elif isinstance(msg, _AbortRequest):
-                    self._abort(msg.request_id)
-                else:
-                    self._route(msg)
+                self._take(msg)
+                # Everything already queued is taken in before admitting: a burst of arrivals
+                # is one admission round, not one round per request.
+                while True:
+                    try:
+                        more = self._inbox_recv.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    self._take(more)
                 await self._admit()
         finally:
             for tracked in [*self._waiting.values(), *self._running.values()]:
                 tracked.events.close()
+
+    def _take(self, msg: _Submit | _AbortRequest | StepOutput) -> None:
+        if isinstance(msg, _Submit):
+            self._waiting[msg.request.request_id] = _Tracked(
+                request=msg.request, events=msg.events, submitted_at=msg.submitted_at
+            )
+        elif isinstance(msg, _AbortRequest):
+            self._abort(msg.request_id)
+        else:
+            self._route(msg)
 
     def fail_all(self, message: str) -> None:
         """End every request now with an error (shutdown after the grace period)."""
@@ -220,9 +253,25 @@ class Scheduler:
             tracked = self._running.get(event.request_id)
             if tracked is None:
                 continue
+            record = tracked.admission
+            if record is not None and record.prefill_at is None:
+                if isinstance(event, PrefillProgress) and event.done > event.cached:
+                    record.prefill_at = trio.current_time()
             if isinstance(event, TokenOut) and not tracked.got_token:
                 tracked.got_token = True
-                self.metrics.first_token(trio.current_time() - tracked.submitted_at)
+                now = trio.current_time()
+                self.metrics.first_token(now - tracked.submitted_at)
+                if record is not None:
+                    record.first_token_at = now
+                    if record.prefill_at is None:  # read in the step that sampled it
+                        record.prefill_at = now
+                    log.debug(
+                        "%s: admitted in round %d after %.1f ms, first token after %.1f ms",
+                        record.request_id,
+                        record.round,
+                        1000 * ((record.admitted_at or now) - record.submitted_at),
+                        1000 * (now - record.submitted_at),
+                    )
             if isinstance(event, SequenceFinished | SequenceFailed):
                 del self._running[event.request_id]
                 self._done_one()
@@ -237,10 +286,29 @@ class Scheduler:
             self.metrics.tokens_generated(generated)
 
     async def _admit(self) -> None:
+        """One admission round: every waiting request that fits, its prefix looked up first,
+        then all of the round's `Admit`s sent back to back."""
+        batch: list[_Tracked] = []
         while self._waiting and len(self._running) < self.max_running:
             rid, tracked = self._waiting.popitem(last=False)
-            self._running[rid] = tracked  # before the await, so shutdown still closes it
-            prefix = await self._cache.lookup(tracked.request.prompt_ids)
+            self._running[rid] = tracked  # before any await, so shutdown still closes it
+            batch.append(tracked)
+        if not batch:
+            return
+        self.rounds += 1
+        prefixes = [await self._cache.lookup(t.request.prompt_ids) for t in batch]
+        now = trio.current_time()
+        for tracked, prefix in zip(batch, prefixes, strict=True):
+            rid = tracked.request.request_id
+            if self._running.get(rid) is not tracked:
+                continue  # ended meanwhile (fail_all at shutdown)
+            tracked.admission = Admission(
+                request_id=rid,
+                round=self.rounds,
+                submitted_at=tracked.submitted_at,
+                admitted_at=now,
+            )
+            self.admissions.append(tracked.admission)
             self._to_executor(Admit(request=tracked.request, prefix=prefix))
 
 

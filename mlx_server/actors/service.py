@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from ..config import Settings
+from ..engine import memory
 from ..engine import model as model_loading
 from ..messages import ExecutorCommand
 from .cache import CacheManager
@@ -66,7 +67,7 @@ class ModelService:
                     scheduler = Scheduler(
                         to_executor,
                         cache,
-                        max_running=settings.max_batch_size,
+                        max_running=settings.max_batch_size or memory.AUTO_BATCH_MIN,
                         max_waiting=settings.max_queue,
                     )
                     executor = Executor(
@@ -87,6 +88,13 @@ class ModelService:
                     await nursery.start(scheduler.serve)
                     scheduler.metrics = self.metrics
                     self.weights_bytes = loaded.weights_bytes
+                    if not settings.max_batch_size:  # auto: from memory and KV bytes per token
+                        scheduler.max_running = memory.auto_batch_size(
+                            loaded.config,
+                            memory.free_device_bytes(settings.prompt_cache_bytes),
+                            dtype_bytes=memory.activation_bytes(loaded.model),
+                        )
+                        log.info("max batch size %d (auto)", scheduler.max_running)
                     self.frontend = Frontend(
                         loaded,
                         scheduler,

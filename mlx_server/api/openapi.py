@@ -127,15 +127,27 @@ def _rename_refs(node: Any, renamed: dict[str, str]) -> Any:
 
 
 def _token_ids(node: Any, vocab_size: int | None) -> Any:
-    """Token ids (marked `x-token-id` by `protocol.TokenId`) get the vocabulary's bound."""
+    """Token ids (marked `x-token-id` by `protocol.TokenId`) get the vocabulary's bound;
+    numeric bounds get JSON Schema's names."""
     if isinstance(node, list):
         return [_token_ids(x, vocab_size) for x in node]
     if not isinstance(node, dict):
         return node
-    out = {k: _token_ids(v, vocab_size) for k, v in node.items() if k != "x-token-id"}
+    out = {
+        _BOUNDS.get(k, k) if node.get("type") in ("integer", "number") else k: _token_ids(
+            v, vocab_size
+        )
+        for k, v in node.items()
+        if k != "x-token-id"
+    }
     if node.get("x-token-id") and vocab_size:
         out["maximum"] = vocab_size - 1
     return out
+
+
+# pydantic writes a Field's bounds under their own names when the field's type has a validator
+# in front of it (`protocol.Int`): JSON Schema's names, so the bounds are in the document.
+_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
 
 
 _REGEX_SPECIALS = set("\\^$.|?*+()[]{}")

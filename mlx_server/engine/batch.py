@@ -35,12 +35,14 @@ from ..messages import (
 from . import caches as cache_ops
 from .constrain import Constraint
 from .constrain import start as start_constraint
+from .memory import prefill_budget
 from .sampling import RowSampler, sample_batch
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 StepEvent = TokenOut | PrefillProgress | SequenceFinished
+BURST_FACTOR = 4  # prompt budget multiple for a batch of fresh prompts when nothing decodes
 
 
 class Sequence:
@@ -82,7 +84,8 @@ class BatchEngine:
         self.tokenizer = tokenizer  # compiles the grammars of constrained requests
         self.eos_ids = frozenset(eos_token_ids)
         self.vocab_size = vocab_size
-        self.prefill_chunk = max(1, prefill_chunk)
+        # 0: from the device (engine.memory.prefill_budget).
+        self.prefill_chunk = prefill_chunk if prefill_chunk > 0 else prefill_budget()
         self.keep_caches = keep_caches
         self.prefilling: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
@@ -177,7 +180,8 @@ class BatchEngine:
 
     def _prefill(self, events: list[StepEvent]) -> None:
         budget = self.prefill_chunk
-        group = self._fresh_group(budget)
+        # With no row decoding, a burst of fresh prompts stalls nobody: read more of it at once.
+        group = self._fresh_group(budget if self.running else BURST_FACTOR * budget)
         if len(group) > 1:
             budget -= self._prefill_group(group, events)
         while budget > 0 and self.prefilling:

@@ -1,0 +1,198 @@
+"""Throughput at scale (issue 18), checked by what the scheduler and the engine record, never by
+wall time: a burst of arrivals is one admission round and starts decoding in one engine step;
+rows already decoding keep getting a token every step while a burst is read; the batch size
+and prompt budget that `auto` picks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
+
+from mlx_server.actors.cache import CacheManager
+from mlx_server.actors.scheduler import Scheduler
+from mlx_server.config import load_settings
+from mlx_server.engine import memory
+from mlx_server.messages import Admit, GenerationRequest, PrefillProgress, SamplingParams, TokenOut
+from mlx_server.testing.fakes import FakeExecutor
+
+LLAMA_8B = {
+    "model_type": "llama",
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "hidden_size": 4096,
+    "max_position_embeddings": 131072,
+}
+
+
+def request(rid: str, prompt: list[int], max_tokens: int = 4) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=rid,
+        prompt_ids=tuple(prompt),
+        sampling=SamplingParams(temperature=0.0),
+        max_tokens=max_tokens,
+        ignore_eos=True,
+    )
+
+
+# -- the scheduler: one admission round per burst ------------------------------------------------
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 20])
+async def test_burst_is_one_admission_round(cache_bytes: int) -> None:
+    fake = FakeExecutor()
+    cache = CacheManager(cache_bytes, fake.send)
+    scheduler = Scheduler(fake.send, cache, max_running=64, max_waiting=64)
+    fake.on_output = scheduler.on_executor_output
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cache.serve)
+        await nursery.start(scheduler.serve)
+        first = scheduler.submit(request("first", [1, 2, 3]))
+        await wait_all_tasks_blocked()
+        # 32 requests arrive while the first one runs: one round, all 32 admitted in it.
+        channels = [scheduler.submit(request(f"r{i}", [1, 2, 3, i])) for i in range(32)]
+        await wait_all_tasks_blocked()
+        rounds = {a.request_id: a.round for a in scheduler.admissions}
+        assert rounds["first"] == 1
+        assert {rounds[f"r{i}"] for i in range(32)} == {2}
+        assert scheduler.rounds == 2
+        assert fake.admitted_ids == ["first", *(f"r{i}" for i in range(32))]
+        # The timeline: admitted, first chunk read and first token, in that order.
+        fake.progress("r0", 4)
+        fake.emit_tokens({"r0": 7})
+        await wait_all_tasks_blocked()
+        r0 = next(a for a in scheduler.admissions if a.request_id == "r0")
+        assert r0.admitted_at is not None and r0.prefill_at is not None
+        assert r0.submitted_at <= r0.admitted_at <= r0.prefill_at
+        assert r0.first_token_at is not None and r0.prefill_at <= r0.first_token_at
+        for ch in [first, *channels]:
+            ch.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_burst_over_max_running_waits_for_a_later_round() -> None:
+    fake = FakeExecutor()
+    cache = CacheManager(0, fake.send)
+    scheduler = Scheduler(fake.send, cache, max_running=4, max_waiting=8)
+    fake.on_output = scheduler.on_executor_output
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cache.serve)
+        await nursery.start(scheduler.serve)
+        channels = [scheduler.submit(request(f"r{i}", [1, 2, i])) for i in range(6)]
+        await wait_all_tasks_blocked()
+        assert fake.admitted_ids == ["r0", "r1", "r2", "r3"]
+        fake.finish("r0")
+        fake.finish("r1")
+        await wait_all_tasks_blocked()
+        assert fake.admitted_ids[4:] == ["r4", "r5"]
+        assert {a.round for a in scheduler.admissions if a.request_id in ("r4", "r5")} == {2}
+        for ch in channels:
+            ch.close()
+        nursery.cancel_scope.cancel()
+
+
+# -- the engine: a burst starts in one step, decoding rows keep going ------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory):
+    from mlx_server.engine.model import load
+    from mlx_server.testing.tiny import build_tiny_model
+
+    path: Path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    build_tiny_model(path, "llama")
+    return load(str(path))
+
+
+def engine_for(loaded, prefill_chunk: int):
+    from mlx_server.engine.batch import BatchEngine
+
+    return BatchEngine(
+        loaded.model,
+        eos_token_ids=[],
+        vocab_size=loaded.tokenizer.vocab_size,
+        prefill_chunk=prefill_chunk,
+        keep_caches=False,
+    )
+
+
+def chat_prompt(i: int) -> list[int]:
+    """A short chat's length (about 40 tokens), each prompt different."""
+    return [(7 * i + j) % 200 + 1 for j in range(36 + i % 9)]
+
+
+def test_burst_of_32_starts_in_one_step(tiny_model) -> None:
+    engine = engine_for(tiny_model, prefill_chunk=512)  # the CPU's budget
+    prompts = [chat_prompt(i) for i in range(32)]
+    assert sum(map(len, prompts)) > 512  # more than one step's budget while rows decode
+    for i, p in enumerate(prompts):
+        engine.admit(Admit(request=request(f"r{i}", p)))
+    events = engine.step()
+    started = {e.request_id for e in events if isinstance(e, TokenOut)}
+    assert started == {f"r{i}" for i in range(32)}
+    assert len(engine.running) == 32 and not engine.prefilling
+
+
+def test_burst_does_not_stall_decoding_rows(tiny_model) -> None:
+    engine = engine_for(tiny_model, prefill_chunk=128)
+    engine.admit(Admit(request=request("busy", chat_prompt(99), max_tokens=64)))
+    assert any(isinstance(e, TokenOut) for e in engine.step())
+    for i in range(16):
+        engine.admit(Admit(request=request(f"r{i}", chat_prompt(i), max_tokens=64)))
+    read_per_step: list[int] = []
+    while engine.prefilling:
+        events = engine.step()
+        # The decoding row gets its token in every step the burst is read in...
+        assert any(isinstance(e, TokenOut) and e.request_id == "busy" for e in events)
+        # ...and no step reads more of the burst's prompts than the budget.
+        read = sum(
+            e.total
+            for e in events
+            if isinstance(e, PrefillProgress) and e.done == e.total and e.request_id != "busy"
+        )
+        read_per_step.append(read)
+    assert all(n <= 128 for n in read_per_step)
+    assert len(engine.running) == 17
+
+
+# -- batch size and prompt budget from the device ------------------------------------------------
+
+
+def test_kv_bytes_per_token_from_config() -> None:
+    per_token, fixed = memory.kv_bytes(LLAMA_8B)
+    assert per_token == 32 * 8 * 128 * 2 * 2 and fixed == 0
+    # gemma-style: one global layer in 6, the rest a 1024-token window.
+    gemma = {**LLAMA_8B, "sliding_window": 1024, "sliding_window_pattern": 6, "head_dim": 128}
+    per_token, fixed = memory.kv_bytes(gemma, dtype_bytes=2)
+    row = 8 * 128 * 2 * 2
+    assert per_token == 5 * row and fixed == 27 * 1024 * row
+    hybrid = {**LLAMA_8B, "full_attention_interval": 4, "linear_num_value_heads": 32}
+    per_token, fixed = memory.kv_bytes(hybrid)
+    assert per_token == 8 * row and fixed > 0
+    assert memory.kv_bytes({**LLAMA_8B, "text_config": {"num_hidden_layers": 2}})[0] == 2 * row
+
+
+def test_auto_batch_size() -> None:
+    gib = 1 << 30
+    # An 8B llama on a 141 GB GPU: 128 KiB a token, 512 MiB a 4096-token stream.
+    assert memory.auto_batch_size(LLAMA_8B, 130 * gib) == memory.AUTO_BATCH_MAX
+    assert memory.auto_batch_size(LLAMA_8B, 40 * gib) == math.floor(40 * 0.6 * 2)
+    assert memory.auto_batch_size(LLAMA_8B, 1 * gib) == memory.AUTO_BATCH_MIN
+    assert memory.auto_batch_size(LLAMA_8B, None) == 32
+    # float32 caches take twice the room.
+    assert memory.auto_batch_size(LLAMA_8B, 40 * gib, dtype_bytes=4) == 24
+
+
+def test_auto_flags() -> None:
+    assert load_settings([], {}).max_batch_size == 0
+    assert load_settings(["--max-batch-size", "auto"], {}).max_batch_size == 0
+    assert load_settings(["--max-batch-size", "96"], {}).max_batch_size == 96
+    assert load_settings([], {"MLX_SERVER_PREFILL_CHUNK": "AUTO"}).prefill_chunk == 0
+    assert load_settings(["--prefill-chunk", "1024"], {}).prefill_chunk == 1024
+    with pytest.raises(SystemExit):
+        load_settings(["--max-batch-size", "0"], {})
+    assert memory.prefill_budget() in (512, 2048)
