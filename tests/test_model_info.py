@@ -55,8 +55,17 @@ def test_no_generation_config_means_no_defaults(tmp_path: Path) -> None:
 
 
 def test_gguf_sampling_metadata() -> None:
-    meta = {"general.sampling.temp": 0.7, "general.sampling.top_k": 40, "general.name": "x"}
-    assert model_info.sampling_from_gguf(meta, "f.gguf") == {"temperature": 0.7, "top_k": 40}
+    meta = {
+        "general.sampling.temp": 0.7,
+        "general.sampling.top_k": 40,
+        "general.sampling.penalty_repeat": 1.1,
+        "general.name": "x",
+    }
+    assert model_info.sampling_from_gguf(meta, "f.gguf") == {
+        "temperature": 0.7,
+        "top_k": 40,
+        "repetition_penalty": 1.1,
+    }
 
 
 def test_every_turn_marker_of_the_template_ends_generation(tiny: Path) -> None:

@@ -30,7 +30,9 @@ _GGUF_SAMPLING = {
     "general.sampling.top_p": "top_p",
     "general.sampling.top_k": "top_k",
     "general.sampling.min_p": "min_p",
-    "general.sampling.penalty_repeat": "repetition_penalty",
+    "general.sampling.penalty_repeat": "repetition_penalty",  # llama.cpp's name
+    "general.sampling.repeat_penalty": "repetition_penalty",
+    "general.sampling.repetition_penalty": "repetition_penalty",
 }
 # The bundled default model (SmolLM2-135M-Instruct, 4-bit) ships no generation_config in its
 # GGUF. At the API default (temperature 1) it answers "What is the capital of France?" with
@@ -183,7 +185,10 @@ def sampling_from_dir(model_dir: Path) -> dict[str, float]:
 
 
 def sampling_from_gguf(values: Mapping[str, Any], where: str) -> dict[str, float]:
-    found = {key: values[k] for k, key in _GGUF_SAMPLING.items() if k in values}
+    found: dict[str, Any] = {}
+    for k, key in _GGUF_SAMPLING.items():
+        if k in values:
+            found.setdefault(key, values[k])
     return clean_sampling(found, where)
 
 
