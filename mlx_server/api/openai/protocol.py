@@ -127,7 +127,7 @@ class FunctionCall(Part):
 
 class ToolCallIn(Part):
     id: str | None = None
-    type: Literal["function"] = "function"
+    type: Literal["function"] | None = None
     function: FunctionCall
 
 
@@ -231,7 +231,7 @@ class EmbeddingRequest(Model):
 
     model: str | None = None
     input: EmbeddingInput
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64"] | None = None  # null: "float"
     dimensions: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     user: str | None = None
 

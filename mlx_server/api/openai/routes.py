@@ -59,7 +59,7 @@ async def embeddings() -> Response | dict[str, Any]:
     tokens = sum(len(ids) for ids in inputs)
     outcome.current().prompt_tokens = tokens
     return render.embeddings_json(
-        vectors, model=fe.model_name, tokens=tokens, encoding=body.encoding_format
+        vectors, model=fe.model_name, tokens=tokens, encoding=body.encoding_format or "float"
     )
 
 
