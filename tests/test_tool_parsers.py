@@ -524,4 +524,6 @@ def test_detect_new_families() -> None:
     assert family("glm4_moe", tools) == "glm"
     # The template ignores tools (Gemma 3, SmolLM2): the generic tool prompt, Hermes format.
     assert family("gemma3_text", "{{ messages }}") == "hermes"
+    assert detect_format("lfm2", tools, tool_fallback=True).tool_family == "hermes"
+    assert detect_format("lfm2", tools, tool_fallback=False).tool_family == "pythonic"
     assert detect_format("deepseek_v3", tools + "<think>").reasoning

@@ -103,10 +103,13 @@ class OutputFormat:
         return "<tool_call>\n" + (f'{{"name": "{name}", "arguments": ' if name else "")
 
 
-def detect_format(model_type: str | None, template: str | None) -> OutputFormat:
+def detect_format(
+    model_type: str | None, template: str | None, *, tool_fallback: bool | None = None
+) -> OutputFormat:
     """The template's own markup wins; the model type decides when the template does not say;
-    Hermes is the fallback (also the format of the generic tool prompt for templates that
-    ignore tools, see `engine.chat_template`)."""
+    Hermes is the fallback, and the format of the generic tool prompt for templates that
+    ignore tools (`tool_fallback`: `ChatTemplate.tool_fallback`, found by a probe render; when
+    not given, a template that never mentions `tools` is taken to ignore them)."""
     t = template or ""
     reasoning = "<think>" in t or "</think>" in t
     if "<|channel|>" in t or model_type == "gpt_oss":
@@ -133,7 +136,7 @@ def detect_format(model_type: str | None, template: str | None) -> OutputFormat:
         family = "pythonic"
     elif "func_name1(" in t or "[func_name" in t:  # Llama 3.2's pythonic instructions
         family = "pythonic"
-    elif t and "tools" not in t:
+    elif tool_fallback or (tool_fallback is None and t and "tools" not in t):
         family = "hermes"  # the template ignores tools: the generic tool prompt's format
     else:
         family = _BY_TYPE.get(model_type or "", "hermes")
