@@ -11,7 +11,8 @@ takes the model's JSON Schema (pydantic's ``TypeAdapter(...).json_schema()``) an
 - every object that comes from a model is closed (``additionalProperties: false``); objects
   the API leaves open (``input``, ``metadata``: plain dicts in the models) stay open;
 - the fields the API always sends, even as null, are required (``ALWAYS`` in each contract);
-- fields this server adds on purpose (``reasoning_content``) are declared, nothing else is;
+- fields this server adds on purpose (``reasoning_content``, ``timings``, the models'
+  ``metadata``: each documented in the README) are declared, strictly, and nothing else is;
 - a union tagged by ``type`` dispatches on it (an unknown ``type`` is one clear error instead
   of "matches none of 12 branches").
 
@@ -88,6 +89,59 @@ class Contract:
 
 REASONING = {"reasoning_content": {"type": "string"}}  # the chain of thought, kept out of content
 
+
+def _closed(properties: dict[str, Schema], optional: tuple[str, ...] = ()) -> Schema:
+    required = sorted(name for name in properties if name not in optional)
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": False,
+    }
+
+
+_MS = {"type": "number", "minimum": 0}
+_COUNT = {"type": "integer", "minimum": 0}
+_RATE = {"type": ["number", "null"], "minimum": 0}
+# `"timings": true` (README "Timings"): llama.cpp's names, on the response or the last chunk.
+TIMINGS = {
+    "timings": {
+        "anyOf": [
+            _closed(
+                {
+                    "prompt_n": _COUNT,
+                    "prompt_ms": _MS,
+                    "prompt_per_token_ms": _RATE,
+                    "prompt_per_second": _RATE,
+                    "predicted_n": _COUNT,
+                    "predicted_ms": _MS,
+                    "predicted_per_token_ms": _RATE,
+                    "predicted_per_second": _RATE,
+                    "cache_n": _COUNT,
+                    "prompt_tokens": _COUNT,
+                    "ttft_ms": _RATE,
+                }
+            ),
+            {"type": "null"},
+        ]
+    }
+}
+# /v1/models (README "Model management"): each model's state beside the OpenAI fields.
+MODEL_METADATA = {
+    "metadata": _closed(
+        {
+            "state": {"enum": ["loaded", "loading", "available"]},
+            "default": {"type": "boolean"},
+            "aliases": {"type": "array", "items": {"type": "string"}},
+            "size_bytes": _COUNT,
+            "context_length": {"type": ["integer", "null"], "minimum": 1},
+            "unload_in": _RATE,
+            "load_error": {"type": "string"},
+        },
+        optional=("load_error",),
+    )
+}
+
 CHAT_LOGPROBS = {"ChoiceLogprobs": ("content", "refusal"), "TopLogprob": ("bytes",)}
 CHAT_TOKEN_LOGPROB = {"ChatCompletionTokenLogprob": ("bytes",)}
 
@@ -102,28 +156,39 @@ CONTRACTS: tuple[Contract, ...] = (
             **CHAT_LOGPROBS,
             **CHAT_TOKEN_LOGPROB,
         },
-        extensions={"ChatCompletionMessage": REASONING},
+        extensions={"ChatCompletion": TIMINGS, "ChatCompletionMessage": REASONING},
     ),
     Contract(
         name="openai.ChatCompletionChunk",
         source=oc.ChatCompletionChunk,
         aliases=("CreateChatCompletionStreamResponse",),
         always={"Choice": ("finish_reason",), **CHAT_LOGPROBS, **CHAT_TOKEN_LOGPROB},
-        extensions={"ChoiceDelta": REASONING},
+        extensions={"ChatCompletionChunk": TIMINGS, "ChoiceDelta": REASONING},
     ),
     Contract(
         name="openai.Completion",
         source=ot.Completion,
         aliases=("CreateCompletionResponse",),
         always={"CompletionChoice": ("logprobs",)},
+        extensions={"Completion": TIMINGS},
     ),
     Contract(
         name="openai.CreateEmbeddingResponse",
         source=ot.CreateEmbeddingResponse,
         aliases=("CreateEmbeddingResponse",),
     ),
-    Contract(name="openai.Model", source=ot.Model, aliases=("Model",)),
-    Contract(name="openai.ModelList", source=ModelList, aliases=("ListModelsResponse",)),
+    Contract(
+        name="openai.Model",
+        source=ot.Model,
+        aliases=("Model",),
+        extensions={"Model": MODEL_METADATA},
+    ),
+    Contract(
+        name="openai.ModelList",
+        source=ModelList,
+        aliases=("ListModelsResponse",),
+        extensions={"Model": MODEL_METADATA},
+    ),
     Contract(
         name="openai.ErrorResponse",
         source=OpenAIErrorBody,
