@@ -61,6 +61,9 @@ class Settings:
     top_k: int | None = None
     min_p: float | None = None
     idle_unload: float = 0.0
+    # Prompt-lookup speculative decoding (engine/speculative.py).
+    speculative: str = "auto"
+    draft_tokens: int = 6
     # The second and later `--model` values (several models in one server).
     more_models: tuple[str, ...] = ()
 
@@ -478,6 +481,27 @@ _OPTIONS += (
         "no min_p. Overrides the model's generation_config.json.",
         "MIN_P",
         "the model's generation_config.json, else 0",
+    ),
+)
+
+_OPTIONS += (
+    _Option(
+        "speculative",
+        _choice("speculative mode", ("off", "ngram", "auto")),
+        "Prompt-lookup speculative decoding inside the batch: rows draft the tokens that "
+        "followed their latest n-gram in their own prompt and output, verified in the batch's "
+        "forward pass. auto drafts for greedy rows and backs off after rejected drafts; ngram "
+        "drafts for sampled rows too (rejection sampling keeps their distribution); off. Only "
+        "models whose caches can be cut (plain KV attention) draft.",
+        "off|ngram|auto",
+        "auto",
+    ),
+    _Option(
+        "draft_tokens",
+        _at_least(1, "draft tokens"),
+        "Most tokens a row drafts per step (speculative decoding).",
+        "N",
+        "6",
     ),
 )
 

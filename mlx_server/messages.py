@@ -310,6 +310,9 @@ class StepOutput:
 
     events: tuple[TokenOut | PrefillProgress | SequenceFinished | SequenceFailed, ...]
     batch_size: int
+    # Speculative decoding: draft tokens proposed and accepted in this step.
+    drafted: int = 0
+    accepted: int = 0
 
 
 # --------------------------------------------------------------------------------------------

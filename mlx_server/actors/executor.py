@@ -92,6 +92,8 @@ class Executor:
         prefill_chunk: int = 512,
         keep_caches: bool = True,
         lockstep: Lockstep | None = None,
+        speculative: str = "off",
+        draft_tokens: int = 6,
     ) -> None:
         self._load = load
         # Distributed serving (rank 0): each turn's commands go to the other ranks first.
@@ -100,6 +102,8 @@ class Executor:
         self._on_output = on_output
         self._prefill_chunk = prefill_chunk
         self._keep_caches = keep_caches
+        self._speculative = speculative
+        self._draft_tokens = draft_tokens
         self._inbox: queue.SimpleQueue[ExecutorCommand | Job] = queue.SimpleQueue()
         self.loaded: LoadedModel | None = None
         self.can_reuse_prefix = False
@@ -179,6 +183,8 @@ class Executor:
             prefill_chunk=self._prefill_chunk,
             keep_caches=self._keep_caches,
             tokenizer=loaded.tokenizer,
+            speculative=self._speculative,
+            draft_tokens=self._draft_tokens,
         )
         self.can_reuse_prefix = engine.can_reuse
         if self._lockstep is not None:
@@ -221,6 +227,7 @@ class Executor:
         self._publish(drained, step=engine.has_work)
         if not engine.has_work:
             return False
+        drafted, accepted = engine.drafted, engine.accepted
         try:
             events = engine.step()
         except Exception as exc:
@@ -233,7 +240,14 @@ class Executor:
             self._reset = True  # the other ranks end their requests too
             post(StepOutput(events=tuple(failed), batch_size=0))
             return False
-        post(StepOutput(events=tuple(events), batch_size=len(engine.running)))
+        post(
+            StepOutput(
+                events=tuple(events),
+                batch_size=len(engine.running),
+                drafted=engine.drafted - drafted,
+                accepted=engine.accepted - accepted,
+            )
+        )
         return False
 
     def _handle(

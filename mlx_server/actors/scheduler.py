@@ -55,6 +55,8 @@ class GenerationMetrics(Protocol):
 
     def timed_out(self) -> None: ...
 
+    def drafts(self, *, proposed: int, accepted: int) -> None: ...
+
 
 class _NoMetrics:
     def tokens_generated(self, count: int) -> None:
@@ -67,6 +69,9 @@ class _NoMetrics:
         pass
 
     def timed_out(self) -> None:
+        pass
+
+    def drafts(self, *, proposed: int, accepted: int) -> None:
         pass
 
 
@@ -284,6 +289,8 @@ class Scheduler:
                 self._to_executor(Abort(request_id=event.request_id))
         if generated:
             self.metrics.tokens_generated(generated)
+        if output.drafted:
+            self.metrics.drafts(proposed=output.drafted, accepted=output.accepted)
 
     async def _admit(self) -> None:
         """One admission round: every waiting request that fits, its prefix looked up first,

@@ -81,6 +81,8 @@ class ModelService:
                         prefill_chunk=settings.prefill_chunk,
                         keep_caches=settings.prompt_cache_bytes > 0,
                         lockstep=self.rank0,
+                        speculative=settings.speculative,
+                        draft_tokens=settings.draft_tokens,
                     )
                     log.info("loading model %s (%s)", slot.name, slot.spec or "bundled default")
                     loaded = await nursery.start(executor.serve)

@@ -98,6 +98,16 @@ class Metrics:
         )
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason)
+        self.draft_tokens = Counter(
+            "mlx_server_draft_tokens",
+            "Speculative decoding: draft tokens proposed (prompt lookup).",
+            registry=r,
+        )
+        self.draft_accepted = Counter(
+            "mlx_server_draft_accepted_tokens",
+            "Speculative decoding: draft tokens the model accepted (each one a decode pass saved).",
+            registry=r,
+        )
 
     def _scheduler_count(self, which: str) -> float:
         pool = self._state.models
@@ -120,6 +130,10 @@ class Metrics:
 
     def timed_out(self) -> None:
         self.rejected.labels(reason="timeout").inc()
+
+    def drafts(self, *, proposed: int, accepted: int) -> None:
+        self.draft_tokens.inc(proposed)
+        self.draft_accepted.inc(accepted)
 
     # -- HTTP ------------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from .constrain import Constraint
 from .constrain import start as start_constraint
 from .memory import prefill_budget
 from .sampling import RowSampler, sample_batch
+from .speculative import NgramIndex, accept_greedy, accept_sampled, trim_rows
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,11 @@ class Sequence:
         self.generated: list[int] = []
         self.sampler = RowSampler(request.sampling, vocab, constraint)
         self.stop_ids = frozenset(request.stop_token_ids)
+        # Speculative decoding: the row's n-gram index (built at its first lookup) and, in
+        # auto mode, how many steps it waits before drafting again after a rejected draft.
+        self.ngrams: NgramIndex | None = None
+        self.misses = 0
+        self.wait = 0
 
 
 class BatchEngine:
@@ -79,6 +85,8 @@ class BatchEngine:
         prefill_chunk: int = 512,
         keep_caches: bool = True,
         tokenizer: Tokenizer | None = None,
+        speculative: str = "off",
+        draft_tokens: int = 6,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer  # compiles the grammars of constrained requests
@@ -111,6 +119,17 @@ class BatchEngine:
         # The next tokens of the first rows of the batch, computed ahead and not yet read.
         self._pending: mx.array | None = None
         self._batched = False  # whether batch_cache holds batched caches or one row's own
+        # Prompt-lookup speculative decoding (`engine.speculative`): only where every cache
+        # can be cut back to the accepted drafts, and the model gives every position's logits.
+        can_draft = (
+            self._plain
+            and isinstance(model, nn.Module)
+            and getattr(model, "multi_token_logits", True)
+        )
+        self.speculative = speculative if can_draft else "off"
+        self.draft_tokens = max(1, draft_tokens)
+        self.drafted = 0  # draft tokens proposed and accepted, since the start
+        self.accepted = 0
 
     # -- commands --------------------------------------------------------------------------
 
@@ -329,6 +348,11 @@ class BatchEngine:
         step n+1 for nothing, and is dropped from it."""
         assert self.batch_cache is not None
         pending, self._pending = self._pending, None
+        if pending is None and self.speculative != "off":
+            drafts = self._drafts()
+            if drafts is not None:
+                self._speculate(drafts, events)
+                return
         if pending is None:
             inputs = mx.array([[s.generated[-1]] for s in self.running], dtype=mx.uint32)
         else:
@@ -349,7 +373,7 @@ class BatchEngine:
                 if len(keep) < len(rows):
                     keep += range(len(tokens), len(rows))
                     launched = launched[mx.array(keep, dtype=mx.int32)]
-            if self.running and self._pipelineable():
+            if self.running and self._pipelineable() and not self._draft_ready():
                 self._pending = launched
                 return
             if not self.running:
@@ -361,6 +385,126 @@ class BatchEngine:
         logits = self.model(inputs, cache=self.batch_cache)[:, -1, :]
         tokens = self._sample_rows(logits, self.running, events)
         self._retire(list(self.running), tokens, events, cache_has_last=False)
+
+    # -- speculative decoding --------------------------------------------------------------
+
+    def _may_draft(self, seq: Sequence) -> bool:
+        """Whether this row may draft this step (counting down its wait after a miss)."""
+        if self.speculative == "off" or self.share_tokens is not None:
+            return False  # (distributed ranks must all take the same decisions)
+        sampling = seq.request.sampling
+        if not seq.sampler.history_free or sampling.logprobs:
+            return False
+        if self.speculative == "auto" and not sampling.greedy:
+            return False
+        if seq.wait > 0:
+            seq.wait -= 1
+            return False
+        return True
+
+    def _ngrams(self, seq: Sequence) -> NgramIndex:
+        index = seq.ngrams
+        if index is None:
+            index = seq.ngrams = NgramIndex(seq.prompt)
+        seen = len(index) - len(seq.prompt)
+        if seen < len(seq.generated):
+            index.extend(seq.generated[seen:])
+        return index
+
+    def _drafts(self) -> list[list[int]] | None:
+        """Each row's draft ([] for rows that do not draft), or None when no row has one."""
+        drafts: list[list[int]] = []
+        for seq in self.running:
+            room = seq.request.max_tokens - len(seq.generated) - 1
+            draft: list[int] = []
+            if room > 0 and self._may_draft(seq):
+                draft = self._ngrams(seq).draft(min(self.draft_tokens, room))
+            drafts.append(draft)
+        return drafts if any(drafts) else None
+
+    def _draft_ready(self) -> bool:
+        """Whether some row would draft now: then the pipelined pass is read at once, so that
+        the next step can verify drafts."""
+        if self.speculative == "off":
+            return False
+        ready = [self._may_draft(s) and self._ngrams(s).has_draft() for s in self.running]
+        return any(ready)
+
+    def _speculate(self, drafts: list[list[int]], events: list[StepEvent]) -> None:
+        """One pass over the batch that verifies every row's draft (rows without one decode
+        as usual in the same pass), then each row's cache is cut back to what it kept."""
+        assert self.batch_cache is not None
+        rows = list(self.running)
+        width = 1 + max(len(d) for d in drafts)
+        inputs = []
+        for seq, draft in zip(rows, drafts, strict=True):
+            last = seq.generated[-1]
+            inputs.append([last, *draft, *([last] * (width - 1 - len(draft)))])
+        logits = self.model(mx.array(inputs, dtype=mx.uint32), cache=self.batch_cache)
+        kept = [1] * len(rows)
+        plain = [i for i, d in enumerate(drafts) if not d]
+        if plain:
+            idx = mx.array(plain, dtype=mx.int32)
+            self._sample_rows(logits[idx, 0, :], [rows[i] for i in plain], events)
+        drafting = [i for i, d in enumerate(drafts) if d]
+        chosen = self._verify(logits, rows, drafts, drafting)
+        for i, tokens in zip(drafting, chosen, strict=True):
+            seq, draft = rows[i], drafts[i]
+            self.drafted += len(draft)
+            self.accepted += len(tokens) - 1
+            if self.speculative == "auto":
+                seq.misses = 0 if len(tokens) > 1 else seq.misses + 1
+                seq.wait = min(1 << seq.misses, 16) - 1 if seq.misses else 0
+            n = 0
+            for token in tokens:
+                n += 1
+                seq.generated.append(token)
+                seq.sampler.observe(token)
+                if not self._is_terminal(seq, token):
+                    events.append(TokenOut(request_id=seq.rid, token_id=token))
+                if self._finish_reason(seq, token) is not None:
+                    break
+            kept[i] = n
+        trim_rows(self.batch_cache, kept, width)
+        done: list[int] = []
+        for i, seq in enumerate(rows):
+            reason = self._finish_reason(seq, seq.generated[-1])
+            if reason is not None:
+                cache = self._row_cache(i) if self._keeping(seq) else None
+                events.append(self._finished(seq, reason, cache))
+                done.append(i)
+        if done:
+            self._drop_rows(done)
+
+    def _verify(
+        self, logits: mx.array, rows: list[Sequence], drafts: list[list[int]], drafting: list[int]
+    ) -> list[list[int]]:
+        """The tokens each drafting row emits: its accepted drafts, then one of the model's."""
+        if not drafting:
+            return []
+        per_row: list[mx.array] = []
+        for i in drafting:
+            row = logits[i, : len(drafts[i]) + 1, :].astype(mx.float32)
+            sampler = rows[i].sampler
+            if sampler.bias_ids is not None and sampler.bias_vals is not None:
+                row = row.at[:, sampler.bias_ids].add(sampler.bias_vals)
+            per_row.append(row)
+        greedy = [j for j, i in enumerate(drafting) if rows[i].request.sampling.greedy]
+        targets: dict[int, list[int]] = {}
+        if greedy:
+            best = [mx.argmax(per_row[j], axis=-1) for j in greedy]
+            mx.eval(best)
+            targets = {j: b.tolist() for j, b in zip(greedy, best, strict=True)}  # type: ignore[misc]
+        out: list[list[int]] = []
+        for j, i in enumerate(drafting):
+            if j in targets:
+                out.append(accept_greedy(targets[j], drafts[i]))
+            else:
+                sampler = rows[i].sampler
+                out.append(
+                    accept_sampled(per_row[j], drafts[i], sampler.params, sampler.next_key())
+                )
+        return out
 
     def _pipelineable(self) -> bool:
         return all(s.sampler.history_free and not s.request.sampling.logprobs for s in self.running)

@@ -96,6 +96,8 @@ class ScriptedModel(nn.Module):
     # Prompts are read one request at a time: a left-padded batch would record its padding
     # as prompt tokens and read its last prompt tokens through a batched cache.
     batched_prefill = False
+    # One position's logits per call: drafts cannot be verified (speculative decoding is off).
+    multi_token_logits = False
 
     def __init__(self, tokenizer: Tokenizer, scripts: list[Script], vocab_size: int) -> None:
         super().__init__()
