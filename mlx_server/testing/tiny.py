@@ -4,7 +4,9 @@ model.safetensors.index.json, tokenizer.json, tokenizer_config.json), for tests 
 that need many fast generations. The tokenizer and chat template are the default model's
 (SmolLM2), so prompts look like real chat prompts.
 
-One config per architecture the server supports (`TINY_ARGS`); each can also be written in
+One config per architecture family the tests cover (`TINY_ARGS`: one of each cache type mlx-lm
+uses, plain KV, sliding window, recurrent state, chunked attention, and the common MoE and
+attention variants; the server itself runs any architecture mlx-lm has); each can also be written in
 bfloat16/float16, quantized (uniformly or with per-layer bit widths recorded in config.json's
 `quantization` dict, as mlx-lm's converter writes them) and sharded."""
 
