@@ -73,6 +73,14 @@ MAX_EXAMPLES = {
     "/v1/messages/count_tokens": 50,
     "/v1/embeddings": 50,
     "/v1/models/{model_id}": 25,
+    "/api/chat": 30,
+    "/api/generate": 30,
+    "/api/embed": 20,
+    "/api/embeddings": 10,
+    "/api/show": 10,
+    "/admin/models/load": 10,
+    "/admin/models/unload": 10,
+    "/admin/models/pull": 10,
 }
 STREAMING = {"/v1/chat/completions", "/v1/completions", "/v1/messages"}
 
@@ -316,6 +324,8 @@ def stream_completes(ctx: CheckContext, response: Response, case: Case) -> bool 
     last = events[-1].decode()
     if case.operation.path.startswith("/v1/messages"):
         assert last.startswith(("event: message_stop\n", "event: error\n")), last
+    elif case.operation.path == "/admin/models/pull":
+        assert last.startswith(("event: done\n", "event: error\n")), last
     else:
         assert last == "data: [DONE]", last
     return True

@@ -364,11 +364,17 @@ class ModelPool:
         return slot
 
     async def load(self, slot: ModelSlot) -> Frontend:
-        """Load `slot` now (unloading idle others to make room, waiting for busy ones)."""
+        """Load `slot` now (unloading idle others to make room, waiting for busy ones, within
+        the request timeout)."""
         slot.last_used = trio.current_time()
-        fe = await self._ensure_loaded(slot)
-        slot.last_used = trio.current_time()
-        return fe
+        with trio.move_on_after(self.timeout):
+            fe = await self._ensure_loaded(slot)
+            slot.last_used = trio.current_time()
+            return fe
+        raise RequestTimeout(
+            f"the model {slot.name!r} could not be loaded within {self.timeout:g} s: the other "
+            "models are busy"
+        )
 
     async def unload(self, slot: ModelSlot) -> bool:
         """Unload `slot` and wait until its memory is back; False when it was not loaded. A

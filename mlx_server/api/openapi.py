@@ -25,7 +25,9 @@ from pydantic.json_schema import models_json_schema
 from quart import Quart
 
 from ..config import Settings
+from .admin import openapi as admin_doc
 from .anthropic import protocol as anthropic
+from .ollama import openapi as ollama_doc
 from .openai import protocol as openai
 from .protocol import Response
 from .responses import protocol as responses
@@ -78,6 +80,8 @@ MODELS: dict[str, tuple[type[pydantic.BaseModel], Literal["validation", "seriali
         for name, model in anthropic.STREAM_EVENTS.items()
         if name != "error"
     },
+    **ollama_doc.MODELS,
+    **admin_doc.MODELS,
 }
 
 
@@ -248,8 +252,9 @@ class _Builder:
             "ResponsesInputTokensRequest",
         ):
             schemas[name]["properties"]["model"] = self.model_name(required=False)
-        for name in ("MessagesRequest", "CountTokensRequest"):
+        for name in ("MessagesRequest", "CountTokensRequest", *ollama_doc.NAMED_MODEL):
             schemas[name]["properties"]["model"] = self.model_name(required=True)
+        schemas["AdminPullEvent"] = admin_doc.pull_event()
         schemas["ChatCompletionStreamEvent"] = _openai_event("ChatCompletionChunk")
         schemas["CompletionStreamEvent"] = _openai_event("Completion")
         schemas["ResponseStreamEvent"] = _sse_event(
@@ -627,6 +632,8 @@ class _Builder:
                     open_route=True,
                 )
             },
+            **ollama_doc.paths(self.model_names[0] if self.model_names else "default"),
+            **admin_doc.paths(self.model_names[0] if self.model_names else "default"),
             DOCUMENT_PATH: {
                 "get": self.get(
                     summary="This OpenAPI document",
@@ -656,6 +663,8 @@ class _Builder:
             "tags": [
                 {"name": "OpenAI", "description": "OpenAI-compatible routes."},
                 {"name": "Anthropic", "description": "Anthropic Messages API routes."},
+                {"name": ollama_doc.TAG, "description": ollama_doc.TAG_DESCRIPTION},
+                {"name": admin_doc.TAG, "description": admin_doc.TAG_DESCRIPTION},
                 {"name": "Server", "description": "Health, metrics and this document (open)."},
             ],
             "security": security,
@@ -665,6 +674,8 @@ class _Builder:
                 "responses": {
                     **self.error_responses(anthropic=False),
                     **self.error_responses(anthropic=True),
+                    **ollama_doc.error_responses(),
+                    **admin_doc.error_responses(),
                 },
                 "securitySchemes": {
                     "bearerAuth": {

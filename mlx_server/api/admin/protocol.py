@@ -1,12 +1,13 @@
-"""The admin routes' request shapes."""
+"""The admin routes' request and response shapes."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 
-from ..protocol import Model
+from ..openai.protocol import ModelCard
+from ..protocol import Model, Response
 
 
 class ModelRequest(Model):
@@ -22,3 +23,42 @@ class PullRequest(Model):
 
     repo: Annotated[str, Field(min_length=1, max_length=256)]
     revision: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+
+
+# -- responses -------------------------------------------------------------------------------
+
+
+class CachedRepo(Response):
+    repo: str
+    size_bytes: int
+    files: int
+    modified: int
+    complete: bool
+    served: bool
+
+
+class AdminModels(Response):
+    object: Literal["list"]
+    data: list[ModelCard]
+    cache: list[CachedRepo]
+
+
+class PullProgress(Response):
+    repo: str
+    downloaded: int
+    total: int
+    percent: float
+    done: bool
+
+
+class PullStart(Response):
+    repo: str
+    status: Literal["pulling"]
+
+
+class PullDone(Response):
+    repo: str
+    status: Literal["success"]
+    size_bytes: int | None = None
+    files: int | None = None
+    complete: bool | None = None

@@ -13,7 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
-from ..protocol import Int, Model, Number, Part
+from ..protocol import Int, Model, Number, Part, Response
 
 FORMAT_MESSAGE = "'format' must be \"json\" or a JSON Schema object"
 THINK_MESSAGE = "'think' must be a boolean or one of 'low', 'medium', 'high'"
@@ -134,3 +134,112 @@ class ShowRequest(Model):
     model: str | None = None
     name: str | None = None  # the older clients' field
     verbose: bool | None = None
+
+
+# -- responses (for the OpenAPI document; the renderers write plain dicts of these shapes) --------
+
+
+class ModelDetails(Response):
+    parent_model: str
+    format: str
+    family: str
+    families: list[str] | None
+    parameter_size: str
+    quantization_level: str
+
+
+class TagModel(Response):
+    name: str
+    model: str
+    modified_at: str
+    size: int
+    digest: str
+    details: ModelDetails
+
+
+class Tags(Response):
+    models: list[TagModel]
+
+
+class RunningModel(TagModel):
+    expires_at: str
+    size_vram: int
+    context_length: int
+
+
+class Running(Response):
+    models: list[RunningModel]
+
+
+class ShowResponse(Response):
+    license: str
+    modelfile: str
+    parameters: str
+    template: str
+    details: ModelDetails
+    model_info: dict[str, Any]
+    capabilities: list[str]
+    modified_at: str
+
+
+class Version(Response):
+    version: str
+
+
+class CalledFunctionOut(Response):
+    index: int
+    name: str
+    arguments: dict[str, Any]
+
+
+class ToolCallOut(Response):
+    id: str
+    function: CalledFunctionOut
+
+
+class MessageOut(Response):
+    role: Literal["assistant"]
+    content: str
+    thinking: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class _Answer(Response):
+    """One NDJSON line of a stream (`done: false`), or the last / the whole answer (`done: true`,
+    with `done_reason`, the counts and the durations in nanoseconds)."""
+
+    model: str
+    created_at: str
+    done: bool
+    done_reason: Literal["stop", "length", "load", "unload"] | None = None
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+    prompt_eval_duration: int | None = None
+    eval_count: int | None = None
+    eval_duration: int | None = None
+
+
+class ChatAnswer(_Answer):
+    message: MessageOut
+
+
+class GenerateAnswer(_Answer):
+    response: str
+    thinking: str | None = None
+
+
+class Embedded(Response):
+    model: str
+    embeddings: list[list[float]]
+    total_duration: int
+    load_duration: int
+    prompt_eval_count: int
+
+
+class EmbeddedLegacy(Response):
+    embedding: list[float]
+
+
+class OllamaError(Response):
+    error: str
