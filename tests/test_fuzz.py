@@ -313,7 +313,8 @@ def test_document_follows_the_server() -> None:
 
 
 def stream_completes(ctx: CheckContext, response: Response, case: Case) -> bool | None:
-    """A stream ends as its API says (OpenAI `[DONE]`; Anthropic `message_stop` or `error`)
+    """A stream ends as its API says (OpenAI `[DONE]`; Anthropic `message_stop` or `error`;
+    Responses `response.completed`, `.incomplete` or `.failed`)
     within the request timeout, instead of going quiet (a hang)."""
     content_type = (response.headers.get("content-type") or [""])[0]
     if not content_type.startswith("text/event-stream"):
@@ -324,6 +325,9 @@ def stream_completes(ctx: CheckContext, response: Response, case: Case) -> bool 
     last = events[-1].decode()
     if case.operation.path.startswith("/v1/messages"):
         assert last.startswith(("event: message_stop\n", "event: error\n")), last
+    elif case.operation.path == "/v1/responses":
+        ends = ("response.completed", "response.incomplete", "response.failed")
+        assert last.startswith(tuple(f"event: {e}\n" for e in ends)), last
     elif case.operation.path == "/admin/models/pull":
         assert last.startswith(("event: done\n", "event: error\n")), last
     else:
