@@ -28,6 +28,7 @@ import pydantic
 import pytest
 
 from mlx_server.testing import openapi
+from mlx_server.testing.agent_session import check_prefix_reuse, hit_rates, run_agent_session
 from mlx_server.testing.schemas import Contract, build
 from mlx_server.testing.scripted import build_scripted_model
 from mlx_server.testing.server import ServerProcess, run_server
@@ -50,23 +51,6 @@ TEMPLATE = """\
 {% endif %}{{ message.content }}<|im_end|>
 {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
 {% endif %}"""
-
-BASH = {
-    "name": "Bash",
-    "description": "Run a shell command and return its output.",
-    "input_schema": {
-        "type": "object",
-        "properties": {
-            "command": {"type": "string", "maxLength": 16},
-            "timeout": {"type": "integer", "minimum": 1, "maximum": 600},
-        },
-        "required": ["command"],
-    },
-}
-AGENT_SYSTEM = (
-    "You are an agent working in a shell on the user's repository. Use the Bash tool to look "
-    "around before you change anything, keep answers short, and report what you did. " * 8
-)
 
 
 class Verdict(pydantic.BaseModel):
@@ -166,66 +150,12 @@ def test_streamed_structured_output(client: anthropic.Anthropic) -> None:
 # --------------------------------------------------------------------------- an agent session
 
 
-def agent_body(messages: list[dict[str, Any]], turn: int) -> dict[str, Any]:
-    return {
-        "model": MODEL,
-        "max_tokens": 48,
-        "temperature": 1.0,
-        "system": [
-            {
-                "type": "text",
-                "text": f"x-anthropic-billing-header: cc_version=2.1.197; cch={turn};",
-            },
-            {"type": "text", "text": AGENT_SYSTEM},
-        ],
-        "messages": messages,
-        "tools": [BASH],
-        "tool_choice": {"type": "tool", "name": "Bash"},
-        "thinking": {"type": "adaptive"},
-        "output_config": {"effort": "xhigh"},
-        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
-        "metadata": {"user_id": "session-1"},
-    }
-
-
-def run_agent_session(http: httpx.Client, turns: int) -> list[tuple[int, int]]:
-    """`turns` requests of one conversation; (input_tokens, cache_read_input_tokens) each."""
-    messages: list[dict[str, Any]] = [{"role": "user", "content": "Tidy up the repository."}]
-    usage: list[tuple[int, int]] = []
-    for turn in range(1, turns + 1):
-        r = http.post("/v1/messages", json=agent_body(messages, turn))
-        assert r.status_code == 200, r.text
-        body = r.json()
-        openapi.validate("anthropic.Message", body)
-        assert body["stop_reason"] == "tool_use"
-        calls = [b for b in body["content"] if b["type"] == "tool_use"]
-        assert len(calls) == 1 and calls[0]["name"] == "Bash"
-        jsonschema.validate(calls[0]["input"], BASH["input_schema"])
-        usage.append((body["usage"]["input_tokens"], body["usage"]["cache_read_input_tokens"]))
-        messages.append({"role": "assistant", "content": body["content"]})
-        result = {"type": "tool_result", "tool_use_id": calls[0]["id"], "content": "a.txt b.txt"}
-        messages.append({"role": "user", "content": [result]})
-        if turn % 2 == 0:
-            reminder = f"<system-reminder>Turn {turn}: the todo list is empty.</system-reminder>"
-            messages.append({"role": "system", "content": reminder})
-    return usage
-
-
 def test_agent_session_reads_the_earlier_conversation_from_the_cache(
     http: httpx.Client,
 ) -> None:
-    usage = run_agent_session(http, 5)
-    rates = [cached / (fresh + cached) for fresh, cached in usage]
-    print("\nturn  prompt  cache_read  input_tokens  hit rate")
-    for turn, ((fresh, cached), rate) in enumerate(zip(usage, rates, strict=True), 1):
-        print(f"{turn:>4}  {fresh + cached:>6}  {cached:>10}  {fresh:>12}  {rate:8.1%}")
-    # Each later turn reads all of the previous turn's prompt from the cache (all but the
-    # generation prompt, `<|im_start|>assistant\n`): only the answer as the template writes it,
-    # the tool's result and a reminder are new.
-    totals = [fresh + cached for fresh, cached in usage]
-    for n in range(1, len(usage)):
-        assert usage[n][1] >= totals[n - 1] - 4, usage
-    assert min(rates[1:]) > 0.8, rates
+    usage = run_agent_session(http, 5, MODEL)
+    check_prefix_reuse(usage)
+    assert min(hit_rates(usage)[1:]) > 0.8, usage
 
 
 # --------------------------------------------------------------------------- history, models

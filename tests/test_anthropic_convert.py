@@ -93,6 +93,7 @@ def test_thinking_blocks_become_the_turns_reasoning() -> None:
         ({"type": "adaptive"}, True, "split"),
         ({"type": "adaptive", "display": "summarized"}, True, "split"),
         ({"type": "adaptive", "display": "omitted"}, True, "drop"),
+        ({"type": "between_tools"}, False, "split"),
     ],
 )
 def test_thinking_modes(thinking: dict[str, Any] | None, enable: bool, reasoning: str) -> None:

@@ -46,7 +46,10 @@ SEPARATOR = "\n\n"
 def messages_request(body: p.CountTokensRequest) -> Request:
     chat, prefill = _chat(body)
     thinking = _thinking(body.thinking)
-    shown = thinking and not (body.thinking is not None and body.thinking.display == "omitted")
+    kind = body.thinking.type if body.thinking is not None else None
+    shown = (thinking or kind == "between_tools") and not (
+        body.thinking is not None and body.thinking.display == "omitted"
+    )
     tools = _tools(body.tools)
     output_format, where = _output_format(body)
     request = Request(
@@ -74,7 +77,8 @@ def messages_request(body: p.CountTokensRequest) -> Request:
 
 
 def _thinking(raw: p.Thinking | None) -> bool:
-    if raw is None or raw.type == "disabled":
+    """Whether the template should let the model think (`enable_thinking`)."""
+    if raw is None or raw.type in ("disabled", "between_tools"):
         return False
     if raw.type == "enabled" and raw.budget_tokens is None:
         raise InvalidRequest(

@@ -107,9 +107,10 @@ class ToolChoiceIn(Part):
 class Thinking(Part):
     """Extended thinking: "enabled" (with `budget_tokens`, accepted, not enforced: the model
     stops thinking on its own), "adaptive" (the model decides; `display` "omitted" leaves the
-    thinking out of the response), or "disabled"."""
+    thinking out of the response), "disabled", or "between_tools" (thinking off; whatever
+    reasoning the model still writes comes back as thinking blocks)."""
 
-    type: Literal["enabled", "disabled", "adaptive"]
+    type: Literal["enabled", "disabled", "adaptive", "between_tools"]
     budget_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     display: Literal["summarized", "omitted"] | None = None
 
