@@ -2,7 +2,7 @@
 cannot download the model (the GPU box): the shape of a real checkpoint, its cost per token, and
 the real tokenizer (copied from a directory holding tokenizer.json and tokenizer_config.json).
 
-    python -m bench.gpu_model OUT_DIR --tokenizer DIR [--shape 135m|1b] [--bits 4] [--dtype bf16]
+    python -m bench.gpu_model OUT_DIR --tokenizer DIR [--shape 135m|1b|8b] [--bits 4] [--dtype bf16]
     python -m bench.gpu_model --export-tokenizer DIR   # write the default model's tokenizer files
 
 Greedy text from random weights is gibberish; the benchmark only needs the token counts, and it
@@ -42,6 +42,18 @@ SHAPES: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-5,
         "rope_theta": 500000.0,
         "tie_word_embeddings": True,
+        "max_position_embeddings": 8192,
+    },
+    # Llama-3.1-8B's dimensions (with SmolLM2's vocabulary).
+    "8b": {
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
         "max_position_embeddings": 8192,
     },
 }
