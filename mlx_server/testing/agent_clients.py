@@ -181,7 +181,9 @@ def run(client: str, binary: str, work: Path, timeout: float) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Drive a coding-agent CLI against a scripted model.")
+    parser = argparse.ArgumentParser(
+        description="Drive a coding-agent CLI against a scripted model."
+    )
     parser.add_argument("--client", choices=("codex", "claude"), required=True)
     parser.add_argument("--bin", required=True)
     parser.add_argument("--work", required=True, type=Path)
