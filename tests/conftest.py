@@ -6,10 +6,10 @@
   gets the tail of that server's log in its report.
 - The path guard: a test (setup, call or teardown) that opens a file outside the repository
   fails, naming the path and the code that opened it (`mlx_server.testing.pathguard`).
-- Tiers: `slow` means the test starts a process or loads the real default model. A test that
-  uses a fixture returning a `ServerProcess` is marked `slow` here; others mark themselves, and
-  the guard fails a test that starts a process without the mark. `uv run pytest -m "not slow"`
-  is the fast inner loop.
+- Tiers: `slow` means the test starts a process, loads the real default model or runs for
+  several seconds of CPU. A test that uses a fixture returning a `ServerProcess` is marked
+  `slow` here; others mark themselves, and the guard fails a test that starts a process without
+  the mark. `uv run pytest -m "not slow"` is the fast inner loop.
 """
 
 from __future__ import annotations
