@@ -5,6 +5,7 @@ and prompt budget that `auto` picks."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -99,13 +100,19 @@ async def test_burst_over_max_running_waits_for_a_later_round() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory):
-    from mlx_server.engine.model import load
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mlx_server.testing.tiny import build_tiny_model
 
-    path: Path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     build_tiny_model(path, "llama")
-    return load(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir: Path):
+    from mlx_server.engine.model import load
+
+    return load(str(tiny_model_dir))
 
 
 def engine_for(loaded, prefill_chunk: int):
@@ -196,3 +203,55 @@ def test_auto_flags() -> None:
     with pytest.raises(SystemExit):
         load_settings(["--max-batch-size", "0"], {})
     assert memory.prefill_budget() in (512, 2048)
+
+
+# -- end to end: a burst of 64 streams, default (auto) settings ------------------------------------
+
+
+@pytest.mark.slow
+async def test_burst_of_64_streams_all_complete(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """64 streaming chats sent at once to a server with the default (auto) batch size: every
+    connection ends with its last chunk and [DONE], every stream with all its tokens."""
+    import httpx
+
+    from mlx_server.testing.server import run_server
+
+    log = tmp_path_factory.mktemp("srv") / "server.log"
+    with run_server(["--model", str(tiny_model_dir)], log_path=log) as server:
+        assert "max batch size" in server.log()
+        results: dict[int, tuple[int, str | None, bool]] = {}
+
+        async def one(client: httpx.AsyncClient, i: int) -> None:
+            body = {
+                "model": "tiny-llama",
+                "messages": [{"role": "user", "content": f"Tell me about item {i}"}],
+                "max_tokens": 12,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            tokens, reason, done = 0, None, False
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        done = True
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    for choice in chunk.get("choices", []):
+                        reason = choice.get("finish_reason") or reason
+            results[i] = (tokens, reason, done)
+
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120, limits=limits) as c:
+            async with trio.open_nursery() as nursery:
+                for i in range(64):
+                    nursery.start_soon(one, c, i)
+        assert results == {i: (12, "length", True) for i in range(64)}
