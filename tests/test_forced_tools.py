@@ -64,6 +64,25 @@ TOOLS = (
 )
 SCHEMAS = {t.name: dict(t.parameters) for t in TOOLS}
 SEEDS = 4
+# Nested values, unions with null, an optional parameter that may be left out, and objects that
+# leave `additionalProperties` unsaid at every level.
+SEARCH: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "filters": {
+            "type": "object",
+            "properties": {"year": {"type": "integer", "minimum": 1900, "maximum": 2100}},
+            "required": ["year"],
+        },
+        "tags": {"type": "array", "items": {"enum": ["news", "blog"]}, "maxItems": 3},
+        "ratio": {"type": "number", "minimum": 0, "maximum": 1},
+        "note": {"type": ["string", "null"], "maxLength": 6},
+        "exact": {"type": ["boolean", "null"]},
+        "limit": {"type": "integer", "minimum": 1, "maximum": 50},
+    },
+    "required": ["filters", "tags", "note", "exact"],
+}
+NESTED = (ToolSpec(name="search", parameters=SEARCH), ToolSpec(name="noop", parameters={}))
 
 
 def family_format(family: str) -> OutputFormat:
@@ -106,8 +125,10 @@ def sample(loaded: LoadedModel, spec: Any, seeds: int) -> list[tuple[str, str]]:
     return [(tok.decode(ids[k], skip_special_tokens=False), reasons[k]) for k in sorted(ids)]
 
 
-def parse_calls(fmt: OutputFormat, text: str) -> list[tuple[str, str]]:
-    tools_json = json.dumps([t.template_json() for t in TOOLS])
+def parse_calls(
+    fmt: OutputFormat, text: str, tools: tuple[ToolSpec, ...] = TOOLS
+) -> list[tuple[str, str]]:
+    tools_json = json.dumps([t.template_json() for t in tools])
     parser = OutputParser(fmt, OutputSpec(tools_json=tools_json))
     events = parser.feed(text) + parser.finish()
     names = [e.name for e in events if isinstance(e, ToolCallStart)]
@@ -130,6 +151,20 @@ def test_sampled_forced_calls_parse_and_validate(
         called, arguments = calls[0]
         assert called in (name,) if name else called in SCHEMAS
         jsonschema.validate(json.loads(arguments), SCHEMAS[called])
+
+
+# FunctionGemma's call syntax has no nesting: mlx-lm's parser reads `{k:v,...}` up to the first
+# `}` and splits on commas, so object and array values cannot be read back.
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "function_gemma"])
+def test_nested_and_nullable_parameters(tiny: LoadedModel, family: str) -> None:
+    fmt = family_format(family)
+    spec = call_grammar(fmt, NESTED, "search")
+    assert spec is not None
+    for text, reason in sample(tiny, spec, 3):
+        assert reason == "stop", (family, text[:200])
+        [(called, arguments)] = parse_calls(fmt, text, NESTED)
+        assert called == "search"
+        jsonschema.validate(json.loads(arguments), {**SEARCH, "additionalProperties": False})
 
 
 def test_every_detected_family_has_a_grammar() -> None:

@@ -142,8 +142,8 @@ class _Grammar:
 
     def value(self, schema: Any, style: Style, close: str = "") -> str:
         """One parameter's value in the family's syntax, then the markup `close`. A text value
-        and its `close` are one regex: the lexer is greedy, and a text that may hold `\n` would
-        otherwise swallow the `\n` that starts `\n</parameter>`."""
+        and its `close` are one regex: the lexer is greedy, and a text that may hold a newline
+        would otherwise swallow the newline that starts the closing tag."""
         tail = f" {self.lit(close)}" if close else ""
         schema = schema if isinstance(schema, dict) and not self.loose else {}
         strings = _string_choices(schema)
@@ -153,15 +153,11 @@ class _Grammar:
         types = schema.get("type")
         is_text = types == "string" or (isinstance(types, list) and "string" in types)
         if style == "python":
-            if types == "boolean":
-                return self.rule(f'("True" | "False"){tail}')
-            if types == "null":
-                return self.rule(f'"None"{tail}')
-            return self.rule(self.json(schema or {"type": ["string", "number"]}) + tail)
+            return self.rule(f"({self._python_value(schema, types)}){tail}")
         if not schema and style != "xml":
             is_text = True  # any value: text, in the family's quotes
         if not (is_text or not schema):
-            return self.rule(self.json(schema) + tail)
+            return self.rule(self.json(_closed(schema)) + tail)
         low = schema.get("minLength", 0) if is_text else 0
         high = schema.get("maxLength") if is_text else None
         if isinstance(high, int):
@@ -172,6 +168,24 @@ class _Grammar:
             return self.rule(self._quoted(f"/{_TEXT_UNIT[style]}{bound}/", style) + tail)
         text = f"/{_TEXT_UNIT[style]}{bound}{_escape(close)}/"
         return self.rule(self._quoted(text, style))
+
+    def _python_value(self, schema: dict[str, Any], types: Any) -> str:
+        """A Python literal: booleans and null as `True` / `False` / `None`, the rest as JSON
+        (JSON strings and numbers are Python literals too; nested `true` / `null` are not, so
+        an object or array parameter holding them does not parse)."""
+        if not schema:
+            return self.json({"type": ["string", "number"]})
+        kinds = types if isinstance(types, list) else [types] if isinstance(types, str) else []
+        out = []
+        if "boolean" in kinds:
+            out.append('"True" | "False"')
+        if "null" in kinds:
+            out.append('"None"')
+        rest = [k for k in kinds if k not in ("boolean", "null")]
+        if rest or not kinds:
+            typed = {**schema, "type": rest[0] if len(rest) == 1 else rest} if rest else schema
+            out.append(self.json(_closed(typed)))
+        return " | ".join(out)
 
     def _quoted(self, grammar: str, style: Style) -> str:
         if style == "gemma4":
