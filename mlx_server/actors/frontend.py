@@ -319,15 +319,22 @@ class Frontend:
 
     @functools.cached_property
     def _format(self) -> OutputFormat:
-        return detect_format(self._loaded.config.get("model_type"), self._loaded.template.source)
+        template = self._loaded.template
+        return detect_format(
+            self._loaded.config.get("model_type"),
+            template.source,
+            tool_fallback=getattr(template, "tool_fallback", None),
+        )
 
     @functools.cached_property
     def _marker_ids(self) -> frozenset[int]:
-        """Special tokens that are tool-call markup ([TOOL_CALLS], <|python_tag|>): the
+        """Special tokens that are the family's tool-call or channel markup ([TOOL_CALLS],
+        <|python_tag|>, Harmony's <|channel|>, Kimi's and DeepSeek's call markers): the
         detokenizer keeps them so the parser sees them."""
         tok = self._loaded.tokenizer
-        markers = ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "<|python_tag|>")
-        ids = (tok.token_to_id(m) for m in markers)
+        markers = {"[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "<|python_tag|>"}
+        markers.update(self.output_format.markers)
+        ids = (tok.token_to_id(m) for m in sorted(markers))
         return frozenset(i for i in ids if i is not None) & tok.special_ids()
 
     @property

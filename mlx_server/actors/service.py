@@ -75,6 +75,7 @@ class ModelService:
                             slot.spec,
                             served_name=slot.name,
                             cpu_dequantize=settings.cpu_dequantize,  # type: ignore[arg-type]
+                            sampling_overrides=settings.sampling_overrides,
                             shard=self.rank0.shard if self.rank0 is not None else None,
                         ),
                         on_output=scheduler.on_executor_output,
