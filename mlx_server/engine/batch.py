@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 StepEvent = TokenOut | PrefillProgress | SequenceFinished
 BURST_FACTOR = 4  # prompt budget multiple for a batch of fresh prompts when nothing decodes
+ONE_PASS_TOKENS = 64  # a prompt rest shorter than this is read in its sampling pass
 
 
 class Sequence:
@@ -71,6 +72,9 @@ class Sequence:
         self.ngrams: NgramIndex | None = None
         self.misses = 0
         self.wait = 0
+        # How many tokens it drafts next: grows while whole drafts are accepted, shrinks to
+        # what was accepted otherwise (a long draft costs compute where it is mostly wrong).
+        self.draft_len = 2
 
 
 class BatchEngine:
@@ -206,9 +210,12 @@ class BatchEngine:
         while budget > 0 and self.prefilling:
             seq = self.prefilling[0]
             assert seq.cache is not None
-            # Leave the last prompt token for the sampling pass, as mlx-lm does.
+            # Leave the last prompt token for the sampling pass, as mlx-lm does; a short rest
+            # (a chat turn, the new part after a cached prefix) is read in that pass itself, as
+            # mlx-lm's generate_step does: one forward and one sync instead of two each.
             todo = len(seq.prompt) - 1 - seq.prefilled
-            if todo > 0:
+            whole = 0 < todo < min(ONE_PASS_TOKENS, budget) and (self.batchable or not self.running)
+            if todo > 0 and not whole:
                 n = min(budget, todo)
                 chunk = mx.array([seq.prompt[seq.prefilled : seq.prefilled + n]])
                 self._forward_hidden(chunk, seq.cache)
@@ -229,9 +236,19 @@ class BatchEngine:
                 break  # this model decodes one request at a time: wait for the batch to end
             # Last prompt token: logits, first token, then join the decode batch.
             self.prefilling.popleft()
-            budget -= 1
-            logits = self.model(mx.array([seq.prompt[-1:]]), cache=seq.cache)[:, -1, :]
+            rest = seq.prompt[seq.prefilled :] if whole else seq.prompt[-1:]
+            budget -= len(rest)
+            logits = self.model(mx.array([rest]), cache=seq.cache)[:, -1, :]
             seq.prefilled = len(seq.prompt)
+            if whole:
+                events.append(
+                    PrefillProgress(
+                        request_id=seq.rid,
+                        done=seq.prefilled,
+                        total=seq.prefilled,
+                        cached=seq.cached_tokens,
+                    )
+                )
             token = self._sample_rows(logits, [seq], events)[0]
             reason = self._finish_reason(seq, token)
             if reason is not None:
@@ -418,7 +435,7 @@ class BatchEngine:
             room = seq.request.max_tokens - len(seq.generated) - 1
             draft: list[int] = []
             if room > 0 and self._may_draft(seq):
-                draft = self._ngrams(seq).draft(min(self.draft_tokens, room))
+                draft = self._ngrams(seq).draft(min(seq.draft_len, self.draft_tokens, room))
             drafts.append(draft)
         return drafts if any(drafts) else None
 
@@ -452,6 +469,10 @@ class BatchEngine:
             seq, draft = rows[i], drafts[i]
             self.drafted += len(draft)
             self.accepted += len(tokens) - 1
+            if len(tokens) > len(draft):
+                seq.draft_len = min(self.draft_tokens, 2 * len(draft))
+            else:
+                seq.draft_len = max(1, len(tokens))
             if self.speculative == "auto":
                 seq.misses = 0 if len(tokens) > 1 else seq.misses + 1
                 seq.wait = min(1 << seq.misses, 16) - 1 if seq.misses else 0
