@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import ollama
 import pytest
 
 from mlx_server.testing.fake_hub import FakeHub
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.slow
 KEY = "admin-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 REPO = "org/tiny-b"
+OLLAMA_REPO = "org/tiny-c"  # pulled through Ollama's /api/pull
 IDLE = 3  # --idle-unload seconds
 GUARDED_SERVER = """\
 import sys
@@ -58,7 +60,7 @@ def hub_and_server(
         "HF_TOKEN": "",
     }
     # Served a MiB at a time with a pause: the pull takes long enough to report progress.
-    fake = FakeHub({REPO: files}, chunk_size=1 << 20, chunk_delay=0.04)
+    fake = FakeHub({REPO: files, OLLAMA_REPO: files}, chunk_size=1 << 20, chunk_delay=0.04)
     with fake as url:
         env["HF_ENDPOINT"] = url
         args = ["--model", str(root / "tiny-a"), "--api-key", KEY, "--idle-unload", str(IDLE)]
@@ -234,3 +236,25 @@ def test_idle_models_unload(server: ServerProcess) -> None:
     out = httpx.post(f"{base}/v1/completions", json=body, headers=AUTH, timeout=60)
     assert out.status_code == 200
     assert model_card(server, "tiny-a")["metadata"]["state"] == "loaded"
+
+
+def test_ollama_pull_serves_the_repo(server: ServerProcess) -> None:
+    with ollama.Client(host=server.base_url, headers=AUTH, timeout=120) as client:
+        parts = list(client.pull(f"hf.co/{OLLAMA_REPO}:latest", stream=True))
+        assert parts[0].status == "pulling manifest" and parts[-1].status == "success"
+        progress = [part for part in parts if part.total]
+        assert progress and progress[-1].completed == progress[-1].total > 10_000_000
+        assert all(part.digest and part.digest.startswith("sha256:") for part in progress)
+        # Served from now on (not loaded until asked for), as after `ollama pull`.
+        assert OLLAMA_REPO in [m.model for m in client.list().models]
+        assert model_card(server, OLLAMA_REPO)["metadata"]["state"] == "available"
+        out = client.generate(model=OLLAMA_REPO, prompt="Hi", options={"num_predict": 3})
+        assert out.done and out.model == OLLAMA_REPO and 1 <= (out.eval_count or 0) <= 3
+
+        assert client.pull(OLLAMA_REPO).status == "success"  # again: nothing to download
+        with pytest.raises(ollama.ResponseError) as missing:
+            client.pull("org/absent")
+        assert missing.value.status_code == 404 and "not found" in missing.value.error
+        with pytest.raises(ollama.ResponseError) as bad:
+            client.pull("llama3:8b")  # Ollama's own library names are not repo ids
+        assert bad.value.status_code == 400 and "repo id" in bad.value.error

@@ -81,6 +81,7 @@ MAX_EXAMPLES = {
     "/admin/models/load": 10,
     "/admin/models/unload": 10,
     "/admin/models/pull": 10,
+    "/api/pull": 10,
 }
 STREAMING = {"/v1/chat/completions", "/v1/completions", "/v1/messages"}
 

@@ -19,9 +19,9 @@ no request names a path.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 from quart import Blueprint, Response, current_app
 
@@ -114,7 +114,29 @@ async def unload() -> dict[str, Any]:
 
 # -- pull -------------------------------------------------------------------------------------
 
-Update = hub.PullProgress | tuple[str, dict[str, Any]]
+
+@attrs.frozen
+class PullOutcome:
+    """How a pull ended: `cached` (the repo in the cache) on success, else `message`."""
+
+    repo: str
+    cached: hub.CachedModel | None = None
+    message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.message is None
+
+
+Update = hub.PullProgress | PullOutcome
+
+
+def start_pull(repo: str, revision: str | None) -> trio.MemoryReceiveChannel[Update]:
+    """Start pulling `repo` (checked already) in the server's nursery; its progress, then its
+    outcome, arrive on the returned channel. The download goes on if nobody reads."""
+    send, receive = trio.open_memory_channel[Update](math.inf)
+    current_app.nursery.start_soon(_pull, repo, revision, send)  # type: ignore[attr-defined]
+    return receive
 
 
 async def _pull(repo: str, revision: str | None, send: trio.MemorySendChannel[Update]) -> None:
@@ -128,25 +150,18 @@ async def _pull(repo: str, revision: str | None, send: trio.MemorySendChannel[Up
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError):
             pass  # the client left (or the server stops): the download goes on
 
-    def work() -> tuple[Path, hub.CachedModel | None]:
-        path = hub.pull(repo, revision=revision, progress=report)
-        return path, hub.find_cached(repo)
+    def work() -> hub.CachedModel | None:
+        hub.pull(repo, revision=revision, progress=report)
+        return hub.find_cached(repo)
 
     with send:
         try:
-            _, cached = await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+            cached = await trio.to_thread.run_sync(work, abandon_on_cancel=True)
         except Exception as exc:  # a task in the server's nursery must not raise
             message = str(exc) if isinstance(exc, MlxServerError) else f"pull failed: {exc!r}"
-            outcome: tuple[str, dict[str, Any]] = (
-                "error",
-                openai_error_body(message, status=502, kind="server_error", code="pull_failed"),
-            )
+            outcome = PullOutcome(repo=repo, message=message)
         else:
-            done: dict[str, Any] = {"repo": repo, "status": "success"}
-            if cached is not None:
-                done.update(size_bytes=cached.size_bytes, files=cached.files)
-                done["complete"] = cached.complete
-            outcome = ("done", done)
+            outcome = PullOutcome(repo=repo, cached=cached)
         try:
             send.send_nowait(outcome)
         except (trio.BrokenResourceError, trio.WouldBlock):
@@ -170,9 +185,18 @@ async def _events(repo: str, receive: trio.MemoryReceiveChannel[Update]) -> Any:
                         "done": update.done,
                     },
                 )
+            elif update.message is not None:
+                body = openai_error_body(
+                    update.message, status=502, kind="server_error", code="pull_failed"
+                )
+                yield sse.event("error", body)
+                return
             else:
-                name, data = update
-                yield sse.event(name, data)
+                done: dict[str, Any] = {"repo": repo, "status": "success"}
+                if update.cached is not None:
+                    done.update(size_bytes=update.cached.size_bytes, files=update.cached.files)
+                    done["complete"] = update.cached.complete
+                yield sse.event("done", done)
                 return
 
 
@@ -181,6 +205,5 @@ async def pull() -> Response:
     body = await parse(PullRequest)
     repo = hub.check_repo_id(body.repo, param="repo")
     revision = hub.check_revision(body.revision) if body.revision is not None else None
-    send, receive = trio.open_memory_channel[Update](math.inf)
-    current_app.nursery.start_soon(_pull, repo, revision, send)  # type: ignore[attr-defined]
+    receive = start_pull(repo, revision)
     return Response(_events(repo, receive), status=200, headers=sse.SSE_HEADERS)  # type: ignore[arg-type]

@@ -20,6 +20,8 @@ MODELS: dict[str, tuple[type[pydantic.BaseModel], Literal["validation", "seriali
     "OllamaEmbedRequest": (p.EmbedRequest, "validation"),
     "OllamaEmbeddingsRequest": (p.EmbeddingsRequest, "validation"),
     "OllamaShowRequest": (p.ShowRequest, "validation"),
+    "OllamaPullRequest": (p.PullRequest, "validation"),
+    "OllamaPullStatus": (p.PullStatus, "serialization"),
     "OllamaChatAnswer": (p.ChatAnswer, "serialization"),
     "OllamaGenerateAnswer": (p.GenerateAnswer, "serialization"),
     "OllamaEmbedded": (p.Embedded, "serialization"),
@@ -41,6 +43,7 @@ NAMED_MODEL = (
 _ERRORS = {
     400: "Invalid request: bad JSON, a wrong type or range, a prompt longer than the context.",
     401: "Missing or wrong API key (only with --api-key).",
+    403: "A gated repo (a pull).",
     404: "Unknown model or no such route.",
     405: "Another method on this path: not allowed (with an Allow header).",
     409: "The model has requests in flight (an unload).",
@@ -48,6 +51,7 @@ _ERRORS = {
     429: "Rate limit (--rate-limit, with Retry-After) or the queue is full.",
     500: "An internal failure.",
     503: "The model is still loading, or the server is shutting down.",
+    502: "The hub could not be reached, or the download failed (a pull).",
     504: "The request ran past --timeout.",
 }
 
@@ -100,6 +104,8 @@ def _post(
     statuses = (*_POST, 504) if request in NAMED_MODEL else _POST
     if request in ("OllamaChatRequest", "OllamaGenerateRequest"):
         statuses = (*statuses, 409)  # an unload (`keep_alive: 0`) while the model is busy
+    if request == "OllamaPullRequest":
+        statuses = (*statuses, 403, 502)
     return {
         "summary": summary,
         "operationId": operation_id,
@@ -188,6 +194,19 @@ def paths(model: str) -> dict[str, Any]:
                 _json("The model's details and capabilities.", _ref("OllamaShow")),
                 {"plain": {"value": {"model": model}}},
             )
+        },
+        "/api/pull": {
+            "post": {
+                **_post(
+                    "Pull a Hugging Face repo into the cache and serve it (Ollama)",
+                    "ollamaPull",
+                    "OllamaPullRequest",
+                    _answer(
+                        "`success` (NDJSON progress unless `stream` is false).", "OllamaPullStatus"
+                    ),
+                    {"plain": {"value": {"model": "mlx-community/SmolLM2-135M-Instruct"}}},
+                ),
+            }
         },
         "/api/tags": {
             "get": _get("The served models (Ollama)", "ollamaTags", _json("", _ref("OllamaTags")))

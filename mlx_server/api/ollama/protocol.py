@@ -130,6 +130,16 @@ class EmbeddingsRequest(_Request):
     prompt: str | None = None
 
 
+class PullRequest(Model):
+    """`/api/pull`: a Hugging Face repo id (`org/name`, optionally `hf.co/org/name` or with
+    `:latest`)."""
+
+    model: str | None = None
+    name: str | None = None  # the older clients' field
+    insecure: bool | None = None  # accepted, ignored
+    stream: bool | None = None  # None: true
+
+
 class ShowRequest(Model):
     model: str | None = None
     name: str | None = None  # the older clients' field
@@ -243,3 +253,13 @@ class EmbeddedLegacy(Response):
 
 class OllamaError(Response):
     error: str
+
+
+class PullStatus(Response):
+    """One line of a pull: `pulling manifest`, then progress (`digest`, `total`, `completed`
+    bytes), then `success`."""
+
+    status: str
+    digest: str | None = None
+    total: int | None = None
+    completed: int | None = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,12 +27,13 @@ import trio
 from quart import Blueprint, Response, request
 
 from ... import hub
-from ...actors.pool import ModelSlot
-from ...errors import InvalidRequest, NotFound
+from ...actors.pool import ModelPool, ModelSlot
+from ...errors import InvalidRequest, NotFound, RequestError
 from ...generation import Request
 from ...generation.prepare import check_length
 from ...messages import PromptSpec
 from .. import outcome
+from ..admin.routes import PullOutcome, Update, start_pull
 from ..openai import convert as openai_convert
 from ..openai.protocol import ChatCompletionRequest, CompletionRequest
 from ..protocol import Model, parse_bytes, parse_object
@@ -188,6 +190,73 @@ async def embeddings() -> dict[str, Any]:
         return {"embedding": []}
     _, vectors, _ = await _embed(slot, [body.prompt], truncate=True, dimensions=None)
     return {"embedding": vectors[0]}
+
+
+# -- pulling ----------------------------------------------------------------------------------
+
+
+def _repo(value: str | None) -> str:
+    """A Hugging Face repo id from an Ollama model name (`hf.co/org/name:latest` too)."""
+    name = value or ""
+    for prefix in ("hf.co/", "huggingface.co/"):
+        name = name.removeprefix(prefix)
+    name = name.removesuffix(":latest")
+    return hub.check_repo_id(name, param="model")
+
+
+def _failure(message: str) -> RequestError:
+    status = 404 if "not found" in message else 403 if "gated" in message else 502
+    return RequestError(message, status=status)
+
+
+async def _pull_lines(
+    repo: str, receive: trio.MemoryReceiveChannel[Update], pool: ModelPool
+) -> AsyncIterator[bytes]:
+    digest = "sha256:" + hashlib.sha256(repo.encode()).hexdigest()
+    yield ndjson({"status": "pulling manifest"})
+    with receive:
+        async for update in receive:
+            if isinstance(update, hub.PullProgress):
+                total = max(update.total, update.downloaded)
+                line = {"status": f"pulling {repo}", "digest": digest, "total": total}
+                yield ndjson({**line, "completed": update.downloaded})
+            elif update.message is not None:
+                yield ndjson({"error": update.message})
+                return
+            else:
+                _serve(pool, update)
+                yield ndjson({"status": "success"})
+                return
+
+
+def _serve(pool: ModelPool, pulled: PullOutcome) -> None:
+    """A pulled repo is served from now on (loaded on its first request), as with Ollama."""
+    cached = pulled.cached
+    if cached is None or not cached.complete:
+        return
+    try:
+        pool.resolve(cached.repo_id)
+    except NotFound:
+        pool.add(cached.repo_id, str(cached.path))
+
+
+@bp.post("/api/pull")
+async def pull() -> Response | dict[str, Any]:
+    """Download a Hugging Face repo into the cache and serve it (Ollama's progress lines)."""
+    body = await _body(p.PullRequest)
+    repo = _repo(body.model or body.name)
+    pool = models()
+    receive = start_pull(repo, None)
+    if body.stream is not False:
+        return Response(_pull_lines(repo, receive, pool), status=200, content_type=NDJSON)
+    async with receive:
+        async for update in receive:
+            if isinstance(update, PullOutcome):
+                if update.message is not None:
+                    raise _failure(update.message)
+                _serve(pool, update)
+                return {"status": "success"}
+    raise RequestError(f"the pull of {repo} ended without a result", status=502)
 
 
 # -- the model list ---------------------------------------------------------------------------
