@@ -51,6 +51,69 @@ def response_format(value: p.ResponseFormat | None) -> ConstraintSpec | None:
     return None
 
 
+def _schema(value: dict[str, Any] | str, param: str) -> ConstraintSpec:
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            raise InvalidRequest(f"'{param}' is not valid JSON", param=param) from None
+        if not isinstance(parsed, dict):
+            raise InvalidRequest(f"'{param}' must be a JSON Schema object", param=param)
+        value = parsed
+    return ConstraintSpec.json_schema(value)
+
+
+def _choice(choices: list[str]) -> ConstraintSpec:
+    """Exactly one of the strings (a Lark alternation of JSON-quoted literals)."""
+    return ConstraintSpec.lark("start: " + " | ".join(json.dumps(c) for c in choices))
+
+
+def constraint(body: p.Sampling) -> tuple[ConstraintSpec | None, str]:
+    """The one grammar a request asks for, and the field that named it: `response_format`,
+    vLLM's `structured_outputs` (or its older `guided_*` fields), or llama.cpp's top-level
+    `json_schema` / `grammar`. Two at once is a 400."""
+    found: list[tuple[ConstraintSpec, str]] = []
+    fmt = response_format(body.response_format)
+    if fmt is not None:
+        found.append((fmt, "response_format"))
+    so = body.structured_outputs
+    if so is not None:
+        kinds: list[tuple[ConstraintSpec, str]] = []
+        if so.json_ is not None:
+            kinds.append((_schema(so.json_, "structured_outputs.json"), "structured_outputs.json"))
+        if so.regex is not None:
+            kinds.append((ConstraintSpec.regex(so.regex), "structured_outputs.regex"))
+        if so.choice is not None:
+            kinds.append((_choice(so.choice), "structured_outputs.choice"))
+        if so.grammar is not None:
+            kinds.append((ConstraintSpec.lark(so.grammar), "structured_outputs.grammar"))
+        if so.json_object:
+            kinds.append((ConstraintSpec.json_object(), "structured_outputs.json_object"))
+        if len(kinds) != 1:
+            raise InvalidRequest(
+                "'structured_outputs' takes exactly one of json, regex, choice, grammar, "
+                "json_object",
+                param="structured_outputs",
+            )
+        found.extend(kinds)
+    for value, name, make in (
+        (body.guided_json, "guided_json", lambda v, n: _schema(v, n)),
+        (body.guided_regex, "guided_regex", lambda v, n: ConstraintSpec.regex(v)),
+        (body.guided_choice, "guided_choice", lambda v, n: _choice(v)),
+        (body.guided_grammar, "guided_grammar", lambda v, n: ConstraintSpec.lark(v)),
+        (body.json_schema, "json_schema", lambda v, n: _schema(v, n)),
+        (body.grammar, "grammar", lambda v, n: ConstraintSpec.lark(v)),
+    ):
+        if value is not None:
+            found.append((make(value, name), name))
+    if len(found) > 1:
+        names = ", ".join(f"'{n}'" for _, n in found)
+        raise InvalidRequest(
+            f"only one output constraint per request; got {names}", param=found[1][1]
+        )
+    return found[0] if found else (None, "response_format")
+
+
 def include_usage(body: p.Sampling) -> bool:
     """`stream_options` only goes with `stream: true`."""
     if body.stream_options is not None and not body.stream:
@@ -69,6 +132,7 @@ def chat_request(body: p.ChatCompletionRequest) -> Request:
     if top and not body.logprobs:
         raise InvalidRequest("'top_logprobs' requires 'logprobs': true", param="top_logprobs")
     tools, choice = _tools(body)
+    spec, spec_param = constraint(body)
     return Request(
         id=new_id("chatcmpl-"),
         model=body.model,
@@ -83,7 +147,8 @@ def chat_request(body: p.ChatCompletionRequest) -> Request:
         stop=tuple(s for s in body.stop or () if s),
         ignore_eos=bool(body.ignore_eos),
         n=body.n or 1,
-        constraint=response_format(body.response_format),
+        constraint=spec,
+        constraint_param=spec_param,
         stream=bool(body.stream),
     )
 
@@ -199,6 +264,7 @@ def completion_request(body: p.CompletionRequest) -> Request:
         )
     include_usage(body)
     logprobs = body.logprobs
+    spec, spec_param = constraint(body)
     return Request(
         id=new_id("cmpl-"),
         model=body.model,
@@ -209,6 +275,7 @@ def completion_request(body: p.CompletionRequest) -> Request:
         stop=tuple(s for s in body.stop or () if s),
         ignore_eos=bool(body.ignore_eos),
         n=n,
-        constraint=response_format(body.response_format),
+        constraint=spec,
+        constraint_param=spec_param,
         stream=bool(body.stream),
     )

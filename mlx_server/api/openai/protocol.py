@@ -60,6 +60,17 @@ ResponseFormat = Annotated[
 ]
 
 
+class StructuredOutputs(Part):
+    """vLLM's `structured_outputs`: exactly one of a JSON Schema (`json`), a regular expression,
+    a list of choices, a Lark grammar, or any JSON object."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class Sampling(Model):
     """The sampling fields chat completions and completions share."""
 
@@ -80,6 +91,14 @@ class Sampling(Model):
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = None
     response_format: ResponseFormat | None = None
+    # The constrained decoder as vLLM and llama.cpp expose it (one constraint per request).
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
+    json_schema: dict[str, Any] | None = None  # llama.cpp's top-level schema
+    grammar: str | None = None  # llama.cpp's top-level grammar (Lark syntax here)
     user: str | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] | None = None
     # This server's extension: a `timings` object (prompt and generation tokens per second,
