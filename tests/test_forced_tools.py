@@ -234,3 +234,19 @@ def test_no_allowed_function_means_no_grammar() -> None:
     server_tool = ToolSpec(name="web_search", raw={"type": "web_search_20250305"})
     assert call_grammar(family_format("hermes"), (server_tool,), None) is None
     assert call_grammar(family_format("hermes"), TOOLS, "missing") is None
+
+
+def test_declared_keys_only_unless_the_schema_says_otherwise() -> None:
+    from mlx_server.generation.call_grammar import _closed
+
+    inner = {"type": "object", "properties": {"d": {"type": "integer"}}}
+    closed = _closed({"type": "object", "properties": {"c": inner}, "required": ["c"]})
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["c"]["additionalProperties"] is False
+    for open_schema in (
+        {"type": "object", "properties": {"a": {}}, "additionalProperties": {"type": "string"}},
+        {"type": "object", "properties": {"a": {}}, "patternProperties": {"^x": {}}},
+        # An intersection: closing each part would leave nothing that satisfies both.
+        {"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}], "properties": {}},
+    ):
+        assert _closed(open_schema) == open_schema

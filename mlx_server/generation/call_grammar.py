@@ -229,13 +229,14 @@ def _closed(schema: Any) -> Any:
     for key in ("properties", "$defs", "definitions", "patternProperties"):
         if isinstance(schema.get(key), dict):
             out[key] = {k: _closed(v) for k, v in schema[key].items()}
-    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema:
-        if "patternProperties" not in schema:
-            out["additionalProperties"] = False
+    open_keys = ("additionalProperties", "patternProperties", "allOf")
+    if isinstance(schema.get("properties"), dict) and not any(k in schema for k in open_keys):
+        out["additionalProperties"] = False
     return out
 
 
-_NESTED = ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties")
+# Not `allOf`: closing each part of an intersection would leave nothing that satisfies all.
+_NESTED = ("items", "prefixItems", "anyOf", "oneOf", "additionalProperties")
 
 
 def _properties(tool: ToolSpec) -> dict[str, Any]:
