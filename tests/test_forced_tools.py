@@ -250,3 +250,61 @@ def test_declared_keys_only_unless_the_schema_says_otherwise() -> None:
         {"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}], "properties": {}},
     ):
         assert _closed(open_schema) == open_schema
+
+
+# --------------------------------------------------------------------------- through the server
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", ["hermes", "qwen3", "qwen3_coder", "llama3", "mistral"])
+def test_forced_calls_through_the_server(
+    tmp_path_factory: pytest.TempPathFactory, template: str
+) -> None:
+    """A random-weight model with the family's chat template, served by the real CLI: the
+    OpenAI SDK with `tool_choice` required and named, the Anthropic SDK with `any`, all at
+    temperature 1; every choice is one call that parses and validates."""
+    import anthropic
+    import openai
+
+    from mlx_server.testing.scripted import build_scripted_model
+    from mlx_server.testing.server import run_server
+
+    root = tmp_path_factory.mktemp(f"forced-{template}")
+    model_dir = build_scripted_model(root / "tiny", template)
+    tools: Any = [
+        {"type": "function", "function": {"name": t.name, "parameters": SCHEMAS[t.name]}}
+        for t in TOOLS
+    ]
+    with run_server(["--model", str(model_dir)], log_path=root / "server.log") as server:
+        oa = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
+        named: Any = {"type": "function", "function": {"name": "get_weather"}}
+        for choice_param in ("required", named):
+            completion = oa.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": "What is the weather?"}],
+                tools=tools,
+                tool_choice=choice_param,
+                temperature=1.0,
+                n=4,
+                max_tokens=300,
+            )
+            for choice in completion.choices:
+                assert choice.finish_reason == "tool_calls", choice
+                [call] = choice.message.tool_calls or []
+                assert call.type == "function"
+                if choice_param != "required":
+                    assert call.function.name == "get_weather"
+                schema = SCHEMAS[call.function.name]
+                jsonschema.validate(json.loads(call.function.arguments), schema)
+        claude = anthropic.Anthropic(base_url=server.base_url, api_key="x", max_retries=0)
+        message = claude.messages.create(
+            model="tiny",
+            max_tokens=300,
+            messages=[{"role": "user", "content": "What is the weather?"}],
+            tools=[{"name": t.name, "input_schema": SCHEMAS[t.name]} for t in TOOLS],
+            tool_choice={"type": "any"},
+            extra_body={"temperature": 1.0},
+        )
+        assert message.stop_reason == "tool_use"
+        [use] = [b for b in message.content if b.type == "tool_use"]
+        jsonschema.validate(use.input, SCHEMAS[use.name])
