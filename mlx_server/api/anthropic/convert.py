@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
 
 import attrs
 
@@ -46,10 +45,6 @@ SEPARATOR = "\n\n"
 def messages_request(body: p.CountTokensRequest) -> Request:
     chat, prefill = _chat(body)
     thinking = _thinking(body.thinking)
-    kind = body.thinking.type if body.thinking is not None else None
-    shown = (thinking or kind == "between_tools") and not (
-        body.thinking is not None and body.thinking.display == "omitted"
-    )
     tools = _tools(body.tools)
     output_format, where = _output_format(body)
     request = Request(
@@ -59,7 +54,7 @@ def messages_request(body: p.CountTokensRequest) -> Request:
         prefill=prefill,
         tools=tools,
         tool_choice=_tool_choice(body.tool_choice, tools),
-        reasoning="split" if shown else "drop",
+        reasoning="split" if _shows_thinking(body.thinking) else "drop",
         enable_thinking=thinking,
         template_kwargs=_effort(body.output_config),
         constraint=output_format,
@@ -87,6 +82,13 @@ def _thinking(raw: p.Thinking | None) -> bool:
     return True
 
 
+def _shows_thinking(raw: p.Thinking | None) -> bool:
+    """Whether reasoning comes back as thinking blocks."""
+    if raw is None or raw.type == "disabled" or raw.display == "omitted":
+        return False
+    return True
+
+
 EFFORT = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
 
 
@@ -100,14 +102,11 @@ def _effort(config: p.OutputConfig | None) -> dict[str, str]:
 
 def _output_format(body: p.CountTokensRequest) -> tuple[ConstraintSpec | None, str]:
     if body.output_config is not None and body.output_config.format is not None:
-        return _schema(body.output_config.format.json_schema), "output_config.format.schema"
+        schema = body.output_config.format.json_schema
+        return ConstraintSpec.json_schema(schema), "output_config.format.schema"
     if body.output_format is not None:
-        return _schema(body.output_format.json_schema), "output_format.schema"
+        return ConstraintSpec.json_schema(body.output_format.json_schema), "output_format.schema"
     return None, "output_config.format"
-
-
-def _schema(schema: dict[str, Any]) -> ConstraintSpec:
-    return ConstraintSpec.json_schema(schema)
 
 
 def _tools(tools: list[p.ToolIn] | None) -> tuple[ToolSpec, ...]:
