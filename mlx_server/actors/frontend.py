@@ -18,6 +18,7 @@ from ..engine.constrain import ConstraintError
 from ..engine.constrain import check as check_constraint
 from ..engine.embeddings import EmbeddingBatch, EmbeddingsUnsupported, hidden_size, plan_batches
 from ..engine.model import LoadedModel
+from ..engine.model_info import ModelInfo
 from ..errors import (
     InvalidRequest,
     Overloaded,
@@ -311,6 +312,11 @@ class Frontend:
         )
 
     # -- tool calls and reasoning (mlx_server.tools) ------------------------------------------
+
+    @property
+    def model_info(self) -> ModelInfo | None:
+        """What `/v1/models` tells clients (`engine.model_info`)."""
+        return self._loaded.info
 
     @property
     def output_format(self) -> OutputFormat:

@@ -137,8 +137,23 @@ MODEL_METADATA = {
             "context_length": {"type": ["integer", "null"], "minimum": 1},
             "unload_in": _RATE,
             "load_error": {"type": "string"},
+            "capabilities": {
+                "type": "array",
+                "items": {"enum": ["completion", "tools", "reasoning", "vision"]},
+            },
+            "model_type": {"type": ["string", "null"]},
+            "quantization": {"type": ["string", "null"]},
+            "tool_prompt": {"enum": ["template", "generic"]},
+            "disk_bytes": _COUNT,
         },
-        optional=("load_error",),
+        optional=(
+            "load_error",
+            "capabilities",
+            "model_type",
+            "quantization",
+            "tool_prompt",
+            "disk_bytes",
+        ),
     )
 }
 

@@ -82,7 +82,10 @@ async def get_model(model_id: str) -> dict[str, Any]:
 def model_json(slot: ModelSlot, pool: ModelPool) -> dict[str, Any]:
     """OpenAI's model object, exactly, plus `metadata`: the model's state ("loaded", "loading",
     "available": served, not in memory), size in bytes (estimated until loaded), context length
-    once loaded, seconds until an idle unload (`--idle-unload`), and the last load error."""
+    once loaded, seconds until an idle unload (`--idle-unload`), the last load error, and once
+    loaded its capabilities (completion, tools, reasoning, vision), model type, quantization,
+    whether tools go through its own template or the generic tool prompt, and its size on
+    disk."""
     fe = slot.frontend
     meta: dict[str, Any] = {
         "state": slot.state,
@@ -94,6 +97,13 @@ def model_json(slot: ModelSlot, pool: ModelPool) -> dict[str, Any]:
     }
     if slot.load_error is not None and fe is None:
         meta["load_error"] = str(slot.load_error)
+    info = fe.model_info if fe is not None else None
+    if info is not None:  # what a client can plan with, once the model is loaded
+        meta["capabilities"] = list(info.capabilities)
+        meta["model_type"] = info.model_type
+        meta["quantization"] = info.quantization.label if info.quantization else None
+        meta["tool_prompt"] = "generic" if info.tool_fallback else "template"
+        meta["disk_bytes"] = info.size_bytes
     return {
         "id": slot.name,
         "object": "model",
