@@ -28,6 +28,7 @@ from mlx_server.messages import (
     ChatMessage,
     ConstraintSpec,
     GenerationRequest,
+    ImageRef,
     OutputSpec,
     PromptSpec,
 )
@@ -94,6 +95,11 @@ class TemplatePort:
             **dict(spec.template_kwargs),
         )
         return tuple(self.tokenizer.encode(text + spec.prefill))
+
+    async def chat_prompt(
+        self, spec: PromptSpec, *, param: str = "messages"
+    ) -> tuple[tuple[int, ...], None]:
+        return await self.prompt_ids(spec, param=param), None  # text only
 
     async def check_constraint(self, spec: ConstraintSpec | None, *, param: str = "") -> None:
         return None
@@ -253,3 +259,17 @@ def test_fold_places_system_text_in_user_turns() -> None:
     ]
     # A conversation that goes on folds its earlier part the same way.
     assert fold(chat[:8])[:6] == fold(chat)[:6]
+
+
+def test_fold_keeps_images_where_they_were_in_the_text() -> None:
+    image = ImageRef(source="data:image/png;base64,AAAA", offset=4)
+    chat = (
+        ChatMessage(role="user", content="u1"),
+        ChatMessage(role="assistant", content="a1"),
+        ChatMessage(role="system", content="note"),
+        ChatMessage(role="user", content="see this", images=(image,)),
+    )
+    folded = fold(chat)[-1]
+    assert folded.content == "note\n\nsee this"
+    [moved] = folded.images
+    assert folded.content[moved.offset :] == "this"

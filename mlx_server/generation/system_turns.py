@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import weakref
 
+import attrs
+
 from ..errors import InvalidRequest
 from ..messages import ChatMessage, PromptSpec
 from .port import ModelPort
@@ -72,7 +74,7 @@ def fold(chat: tuple[ChatMessage, ...]) -> tuple[ChatMessage, ...]:
         last = out[-1] if out else None
         if last is not None and last.role == "user":
             content = SEPARATOR.join([last.content or "", *pending])
-            out[-1] = ChatMessage(role="user", content=content, name=last.name)
+            out[-1] = attrs.evolve(last, content=content)  # images keep their offsets
         else:
             out.append(ChatMessage(role="user", content=SEPARATOR.join(pending)))
         pending.clear()
@@ -83,8 +85,9 @@ def fold(chat: tuple[ChatMessage, ...]) -> tuple[ChatMessage, ...]:
                 pending.append(turn.content)
             continue
         if pending and turn.role == "user":
-            content = SEPARATOR.join([*pending, turn.content or ""])
-            turn = ChatMessage(role="user", content=content, name=turn.name)
+            head = SEPARATOR.join(pending) + SEPARATOR
+            images = tuple(attrs.evolve(r, offset=r.offset + len(head)) for r in turn.images)
+            turn = attrs.evolve(turn, content=head + (turn.content or ""), images=images)
             pending.clear()
         elif pending and turn.role == "assistant":
             flush()
