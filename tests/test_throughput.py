@@ -17,7 +17,15 @@ from mlx_server.actors.cache import CacheManager
 from mlx_server.actors.scheduler import Scheduler
 from mlx_server.config import load_settings
 from mlx_server.engine import memory
-from mlx_server.messages import Admit, GenerationRequest, PrefillProgress, SamplingParams, TokenOut
+from mlx_server.messages import (
+    Admit,
+    CachedPrefix,
+    GenerationRequest,
+    PrefillProgress,
+    SamplingParams,
+    SequenceFinished,
+    TokenOut,
+)
 from mlx_server.testing.fakes import FakeExecutor
 
 LLAMA_8B = {
@@ -257,3 +265,37 @@ async def test_burst_of_64_streams_all_complete(
                 for i in range(64):
                     nursery.start_soon(one, c, i)
         assert results == {i: (12, "length", True) for i in range(64)}
+
+
+def test_burst_of_short_cached_prompts_is_read_in_one_batch(tiny_model) -> None:
+    """A burst of short chats whose openings are cached (the same chat sent again, say) is read
+    in one batched pass, not one pass per request from its cached prefix."""
+    from mlx_server.engine.batch import BatchEngine
+
+    engine = BatchEngine(
+        tiny_model.model,
+        eos_token_ids=[],
+        vocab_size=tiny_model.tokenizer.vocab_size,
+        prefill_chunk=512,
+        keep_caches=True,
+    )
+    opening = chat_prompt(1)[:30]
+    engine.admit(Admit(request=request("first", opening, max_tokens=2)))
+    stored = None
+    while engine.has_work:
+        for e in engine.step():
+            if isinstance(e, SequenceFinished):
+                stored = e.stored
+    assert stored is not None
+    prefix = CachedPrefix(handle=stored.handle, length=30)
+    for i in range(32):
+        progress = engine.admit(
+            Admit(request=request(f"r{i}", [*opening, *range(i + 1, i + 9)]), prefix=prefix)
+        )
+        assert progress.cached == 30  # reusable, and more than half of each prompt
+    events = engine.step()
+    started = {e.request_id for e in events if isinstance(e, TokenOut)}
+    assert started == {f"r{i}" for i in range(32)}
+    reads = [e for e in events if isinstance(e, PrefillProgress)]
+    # One batch reads every prompt whole (a pass per request would start at the cached 30).
+    assert [(e.done, e.total, e.cached) for e in reads] == [(38, 38, 0)] * 32
