@@ -1,7 +1,7 @@
 """Prompt-lookup speculative decoding inside the batch (`engine.speculative`).
 
 - greedy output is token for token the output without drafts, for rows that join and leave
-  one batch at different steps, beside rows that cannot draft (logprobs, seeded sampling), on
+  one batch at different steps, beside rows that cannot draft (logprobs, penalties), on
   tiny models of the plain-KV families (dense, q/k-normed, mixture of experts, latent
   attention). Two weight sets per family: the plain random model (its attention matters a lot
   and drafts are mostly rejected) and one whose attention output is scaled down (its output
@@ -144,9 +144,8 @@ def workload() -> tuple[list[Admit], Admit]:
     # Rows that never draft, decoded in the same passes.
     logprobs = SamplingParams(temperature=0.0, logprobs=True, top_logprobs=2)
     admits.append(Admit(request=request("logprobs", PROMPTS[0], 40, logprobs)))
-    admits.append(
-        Admit(request=request("seeded", PROMPTS[2], 50, SamplingParams(temperature=0.8, seed=7)))
-    )
+    penalised = SamplingParams(temperature=0.0, repetition_penalty=1.3)
+    admits.append(Admit(request=request("penalised", PROMPTS[2], 50, penalised)))
     later = Admit(request=request("late", PROMPTS[1][:9] * 3, 60))
     return admits, later
 
@@ -158,18 +157,18 @@ def test_greedy_output_is_identical_with_drafts(tmp_path: Path, arch: str) -> No
     for attention in (1.0, 0.3):
         model, vocab = tiny(tmp_path, arch, attention)
         runs: dict[str, Any] = {}
-        for mode in ("off", "auto"):
+        for mode in ("off", "ngram"):
             engine = BatchEngine(
                 model, eos_token_ids=[], vocab_size=vocab, prefill_chunk=24, speculative=mode
             )
             assert engine.speculative == mode
             admits, later = workload()
             runs[mode] = drive(engine, admits, later)[0]
-            if mode == "auto":
+            if mode == "ngram":
                 drafted += engine.drafted
                 accepted += engine.accepted
-        assert runs["auto"] == runs["off"], f"{arch}, attention x{attention}"
-        assert len(runs["auto"]) == len(PROMPTS) + 3
+        assert runs["ngram"] == runs["off"], f"{arch}, attention x{attention}"
+        assert len(runs["ngram"]) == len(PROMPTS) + 3
     # Both kinds of verdict happened: drafts accepted and drafts rejected.
     assert 0 < accepted < drafted, (arch, drafted, accepted)
 
@@ -195,6 +194,19 @@ def test_stored_state_after_drafts_serves_a_follow_up_turn(tmp_path: Path) -> No
         if mode == "ngram":
             assert engine.accepted > 0
     assert results[0] == results[1]
+
+
+@pytest.mark.slow
+def test_auto_mode_drafts_for_greedy_rows_only(tmp_path: Path) -> None:
+    model, vocab = tiny(tmp_path, "llama", 0.3)
+    engine = BatchEngine(model, eos_token_ids=[], vocab_size=vocab, speculative="auto")
+    sampled = SamplingParams(temperature=0.7, seed=1)
+    drive(engine, [Admit(request=request("s", PROMPTS[0], 60, sampled))])
+    assert engine.drafted == 0
+    greedy, _ = drive(engine, [Admit(request=request("g", PROMPTS[0], 60))])
+    assert 0 < engine.accepted <= engine.drafted
+    off = BatchEngine(model, eos_token_ids=[], vocab_size=vocab, speculative="off")
+    assert drive(off, [Admit(request=request("g", PROMPTS[0], 60))])[0] == greedy
 
 
 @pytest.mark.slow
