@@ -64,6 +64,10 @@ class Settings:
     # Prompt-lookup speculative decoding (engine/speculative.py).
     speculative: str = "auto"
     draft_tokens: int = 6
+    # Images (engine/images.py): limits, and whether http(s) image URLs are fetched.
+    allow_image_urls: bool = False
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
     # The second and later `--model` values (several models in one server).
     more_models: tuple[str, ...] = ()
 
@@ -243,6 +247,20 @@ def _path(what: str) -> Callable[[str], str]:
     def convert(value: str) -> str:
         value = _text(what)(value).strip()
         return os.path.expanduser(value) if value.startswith("~") else value
+
+    return convert
+
+
+def _switch(what: str) -> Callable[[str], bool]:
+    """on/off (also true/false, yes/no, 1/0)."""
+
+    def convert(value: str) -> bool:
+        v = value.strip().lower()
+        if v in ("on", "true", "yes", "1"):
+            return True
+        if v in ("off", "false", "no", "0"):
+            return False
+        raise _BadValue(f"invalid {what} {value!r} (must be on or off)")
 
     return convert
 
@@ -502,6 +520,33 @@ _OPTIONS += (
         "Most tokens a row drafts per step (speculative decoding).",
         "N",
         "6",
+    ),
+)
+
+_OPTIONS += (
+    _Option(
+        "allow_image_urls",
+        _switch("allow-image-urls"),
+        "Fetch http(s) image URLs sent in requests (OpenAI image_url, Anthropic url sources, "
+        "Responses input_image), within --max-image-bytes and a 10 s time limit. Off: only "
+        "images sent inline (base64, data URLs) are read, and a URL is a 400.",
+        "on|off",
+        "off",
+    ),
+    _Option(
+        "max_image_bytes",
+        _size,
+        "Largest encoded image accepted (bytes, or with a unit: 20MB, 8MiB).",
+        "SIZE",
+        "20MiB",
+    ),
+    _Option(
+        "max_image_pixels",
+        _at_least(1, "max image pixels"),
+        "Most pixels (width x height) an image may declare; larger ones are 400s before "
+        "any pixel is decompressed (decompression bombs cost a header read).",
+        "PIXELS",
+        "40000000",
     ),
 )
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
+
+if TYPE_CHECKING:
+    from .engine.images import DecodedImage
 
 FinishReason = Literal["stop", "length", "abort", "error", "timeout"]
 
@@ -75,9 +78,26 @@ class ToolSpec:
 
 
 @attrs.frozen(kw_only=True)
+class ImageRef:
+    """An image of a chat turn, at character `offset` of the turn's text. The API layer fills
+    in `source` as the client sent it (a data URL, bare base64, or an http(s) URL); the model's
+    frontend decodes it (off the event loop, within the server's limits) into `image`."""
+
+    source: str = attrs.field(default="", repr=False)
+    offset: int = 0
+    param: str = "messages"
+    """The field the image came in, for the error of an image the server will not read."""
+    image: DecodedImage | None = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def digest(self) -> str | None:
+        return None if self.image is None else self.image.digest
+
+
+@attrs.frozen(kw_only=True)
 class ChatMessage:
     """One turn of a conversation, flattened to text for the chat template; tool calls, a tool
-    result's call id and earlier reasoning travel as typed fields."""
+    result's call id, earlier reasoning and images travel as typed fields."""
 
     role: str
     content: str | None
@@ -85,10 +105,22 @@ class ChatMessage:
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
     reasoning: str | None = None
+    images: tuple[ImageRef, ...] = ()
 
     def template_json(self) -> dict[str, Any]:
         # Templates concatenate content; a tool-call turn's null content is "" to them.
         entry: dict[str, Any] = {"role": self.role, "content": self.content or ""}
+        if self.images:
+            # Vision templates place one image placeholder per {"type": "image"} part.
+            text, parts, at = self.content or "", [], 0
+            for ref in sorted(self.images, key=lambda r: r.offset):
+                if ref.offset > at:
+                    parts.append({"type": "text", "text": text[at : ref.offset]})
+                parts.append({"type": "image"})
+                at = max(at, ref.offset)
+            if at < len(text):
+                parts.append({"type": "text", "text": text[at:]})
+            entry["content"] = parts
         if self.name is not None:
             entry["name"] = self.name
         if self.tool_calls:
@@ -199,6 +231,19 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     constraint: ConstraintSpec | None = None
+    vision: VisionInput | None = None
+    """A prompt with images: `prompt_ids` are then its prefix-cache key (image tokens as
+    negative ids derived from each image's content hash); the executor runs the vision
+    encoder over `vision`."""
+
+
+@attrs.frozen(kw_only=True)
+class VisionInput:
+    """What a vision model's processor reads: the rendered prompt (one image placeholder per
+    image) and the decoded images, in order."""
+
+    text: str = attrs.field(repr=False)
+    images: tuple[DecodedImage, ...] = attrs.field(eq=False, repr=False)
 
 
 # --------------------------------------------------------------------------------------------

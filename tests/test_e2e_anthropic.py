@@ -427,7 +427,7 @@ def test_content_blocks_flatten(http: httpx.Client) -> None:
                 "messages": [{"role": "user", "content": content}],
             },
         )
-        assert "not supported" in assert_anthropic_error(r, 400, "invalid_request_error")
+        assert "does not accept images" in assert_anthropic_error(r, 400, "invalid_request_error")
 
 
 # --------------------------------------------------------------------------- 4. errors

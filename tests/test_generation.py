@@ -111,8 +111,10 @@ def test_cross_field_rules_are_the_converters() -> None:
     assert convert(stream_options={"include_usage": True}).param == "stream_options"
     assert convert(top_logprobs=2).param == "top_logprobs"
     assert convert(tool_choice="required").param == "tool_choice"
-    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
-    assert convert(messages=image).param == "messages[0].content[0]"
+    audio = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]
+    assert convert(messages=audio).param == "messages[0].content[0]"
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}]}]
+    assert convert(messages=image).param == "messages[0].content[0].image_url"
 
 
 def test_tool_calls_travel_as_objects() -> None:

@@ -176,8 +176,7 @@ class Executor:
         # the HTTP server, which answers /health with "loading" meanwhile.
         from ..engine.batch import BatchEngine
 
-        engine = BatchEngine(
-            loaded.model,
+        settings: dict[str, Any] = dict(
             eos_token_ids=loaded.tokenizer.eos_token_ids,
             vocab_size=_vocab_size(loaded),
             prefill_chunk=self._prefill_chunk,
@@ -186,6 +185,12 @@ class Executor:
             speculative=self._speculative,
             draft_tokens=self._draft_tokens,
         )
+        if loaded.vision is not None:  # a vision-language model: image rows beside text rows
+            from ..engine.vision_rows import VisionBatchEngine
+
+            engine: BatchEngine = VisionBatchEngine(loaded.vision, **settings)
+        else:
+            engine = BatchEngine(loaded.model, **settings)
         self.can_reuse_prefix = engine.can_reuse
         if self._lockstep is not None:
             engine.share_tokens = self._lockstep.share_tokens

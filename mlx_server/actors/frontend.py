@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+import attrs
 import trio
 
 from ..engine.constrain import ConstraintError
 from ..engine.constrain import check as check_constraint
 from ..engine.embeddings import EmbeddingBatch, EmbeddingsUnsupported, hidden_size, plan_batches
+from ..engine.images import DecodedImage, ImagePolicy
 from ..engine.model import LoadedModel
 from ..engine.model_info import ModelInfo
 from ..errors import (
@@ -29,15 +31,20 @@ from ..messages import (
     ConstraintSpec,
     Deadline,
     GenerationRequest,
+    ImageRef,
     OutputSpec,
     PromptSpec,
     StreamEvent,
+    VisionInput,
 )
 from ..tools.detect import OutputFormat, detect_format
 from ..tools.output import OutputParser
 from .executor import Job
 from .scheduler import EngineEvent, Scheduler
 from .stream import RequestStream
+
+if TYPE_CHECKING:
+    from ..engine.vision_rows import PromptKeys
 
 
 class Frontend:
@@ -50,8 +57,10 @@ class Frontend:
         timeout: float,
         default_max_tokens: int,
         submit_job: Callable[[Job], None] | None = None,
+        images: ImagePolicy | None = None,
     ) -> None:
         self._loaded = loaded
+        self.images = images or ImagePolicy()
         self._submit_job = submit_job
         self._scheduler = scheduler
         self._nursery = nursery
@@ -88,6 +97,53 @@ class Frontend:
             return spec.token_ids
         return await trio.to_thread.run_sync(self._render_and_encode, spec)
 
+    @property
+    def vision(self) -> bool:
+        """Whether the model reads images."""
+        return self._loaded.vision is not None
+
+    async def chat_prompt(
+        self, spec: PromptSpec, *, param: str = "messages"
+    ) -> tuple[tuple[int, ...], VisionInput | None]:
+        """A chat that may hold images: its ids and, with images, what the vision encoder
+        reads. The ids of an image prompt key each image's tokens by its content hash (the
+        prefix cache's key). Images are decoded (URLs fetched, where allowed) off the event
+        loop, within the server's limits; a text-only model refuses them."""
+        refs = [r for m in spec.chat or () for r in m.images]
+        if not refs:
+            return await self.prompt_ids(spec, param=param), None
+        if self._loaded.vision is None:
+            raise InvalidRequest(
+                f"model {self.model_name!r} does not accept images",
+                param=refs[0].param,
+                code="model_not_vision",
+            )
+        return await trio.to_thread.run_sync(self._vision_prompt, spec)
+
+    def _vision_prompt(self, spec: PromptSpec) -> tuple[tuple[int, ...], VisionInput]:
+        chat = tuple(
+            attrs.evolve(m, images=tuple(self._decoded(r) for r in m.images))
+            for m in spec.chat or ()
+        )
+        text = self._render(attrs.evolve(spec, chat=chat))
+        pictures: list[DecodedImage] = []
+        for m in chat:
+            pictures.extend(r.image for r in sorted(m.images, key=lambda r: r.offset) if r.image)
+        ids = self._prompt_keys.key(text, pictures)
+        return ids, VisionInput(text=text, images=tuple(pictures))
+
+    def _decoded(self, ref: ImageRef) -> ImageRef:
+        if ref.image is not None:
+            return ref
+        image = self.images.decode(ref.source, param=ref.param)
+        return attrs.evolve(ref, image=image, source="")
+
+    @functools.cached_property
+    def _prompt_keys(self) -> PromptKeys:
+        from ..engine.vision_rows import PromptKeys
+
+        return PromptKeys(self._loaded.vision)
+
     async def check_constraint(
         self, spec: ConstraintSpec | None, *, param: str = "response_format"
     ) -> None:
@@ -105,20 +161,24 @@ class Frontend:
     def _render_and_encode(self, spec: PromptSpec) -> tuple[int, ...]:
         tok = self._loaded.tokenizer
         if spec.chat is not None:
-            messages = [m.template_json() for m in spec.chat]
-            tools = [t.template_json() for t in spec.tools] or None
-            text = self._loaded.template.render(
-                messages,
-                add_generation_prompt=spec.add_generation_prompt,
-                tools=tools,
-                **dict(spec.template_kwargs),
-            )
-            if spec.prefill:
-                if text.rstrip().endswith("<think>"):
-                    text += "\n</think>\n\n"  # a forced tool call comes without thinking
-                text += spec.prefill
-            return tuple(tok.encode(text))
+            return tuple(tok.encode(self._render(spec)))
         return tuple(tok.encode(spec.text or "", add_special_tokens=True))
+
+    def _render(self, spec: PromptSpec) -> str:
+        """A chat through the model's template (with the assistant prefill, if any)."""
+        messages = [m.template_json() for m in spec.chat or ()]
+        tools = [t.template_json() for t in spec.tools] or None
+        text = self._loaded.template.render(
+            messages,
+            add_generation_prompt=spec.add_generation_prompt,
+            tools=tools,
+            **dict(spec.template_kwargs),
+        )
+        if spec.prefill:
+            if text.rstrip().endswith("<think>"):
+                text += "\n</think>\n\n"  # a forced tool call comes without thinking
+            text += spec.prefill
+        return text
 
     def deadline(self) -> Deadline:
         """A new request's deadline, from now (`--timeout`)."""
@@ -361,7 +421,7 @@ class Frontend:
     ) -> OutputParser | None:
         if output is None:
             return None
-        tail_ids = list(request.prompt_ids[-32:])
+        tail_ids = [t for t in request.prompt_ids[-32:] if t >= 0]  # (images: negative keys)
         tail = self._loaded.tokenizer.decode(tail_ids, skip_special_tokens=False)
         if output.prefill and tail.endswith(output.prefill):
             tail = tail[: len(tail) - len(output.prefill)]

@@ -12,6 +12,7 @@ import trio
 from ..config import Settings
 from ..engine import memory
 from ..engine import model as model_loading
+from ..engine.images import ImageLimits, ImagePolicy
 from ..messages import ExecutorCommand
 from .cache import CacheManager
 from .executor import Executor
@@ -105,6 +106,13 @@ class ModelService:
                         timeout=settings.timeout if settings.timeout > 0 else math.inf,
                         default_max_tokens=settings.max_tokens,
                         submit_job=executor.send,
+                        images=ImagePolicy(
+                            limits=ImageLimits(
+                                max_bytes=settings.max_image_bytes,
+                                max_pixels=settings.max_image_pixels,
+                            ),
+                            allow_urls=settings.allow_image_urls,
+                        ),
                     )
                     log.info("model %s ready (%s)", loaded.name, loaded.source)
                     task_status.started(self.frontend)

@@ -84,7 +84,8 @@ def decode_image_source(
     lowered = text[:16].lower()
     if lowered.startswith(("http://", "https://")):
         raise ImageError(
-            "image URLs are not fetched by this server; send the image as a base64 data URL",
+            "image URLs are not fetched by this server (start it with --allow-image-urls); "
+            "send the image as a base64 data URL",
             code="image_fetch_disabled",
             param=param,
         )
@@ -248,3 +249,78 @@ def _too_many_pixels(width: int, height: int, limits: ImageLimits, param: str | 
 def _short(e: BaseException) -> str:
     text = str(e) or type(e).__name__
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+def fetch_image(
+    url: str,
+    limits: ImageLimits | None = None,
+    *,
+    timeout: float = 10.0,
+    param: str | None = None,
+) -> DecodedImage:
+    """Fetch an http(s) image URL (only when the server allows it: `--allow-image-urls`) and
+    decode it. The body is read in pieces up to the byte limit, within `timeout` seconds in
+    all (not per read); anything else is a 400 (`image_fetch_failed`). Blocking: call it from
+    a worker thread."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    limits = limits or ImageLimits()
+    if not url.lower().startswith(("http://", "https://")):
+        raise ImageError("image URL must be http(s)", code="invalid_image_url", param=param)
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(url, headers={"User-Agent": "mlx-server", "Accept": "image/*"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > limits.max_bytes:
+                raise ImageError(
+                    f"image is larger than the {limits.max_bytes}-byte limit",
+                    code="image_too_large",
+                    param=param,
+                )
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"fetching the image took over {timeout:g} s")
+                piece = response.read(64 * 1024)
+                if not piece:
+                    break
+                size += len(piece)
+                if size > limits.max_bytes:
+                    raise ImageError(
+                        f"image is larger than the {limits.max_bytes}-byte limit",
+                        code="image_too_large",
+                        param=param,
+                    )
+                chunks.append(piece)
+    except ImageError:
+        raise
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        raise ImageError(
+            f"image URL could not be fetched: {_short(Exception(str(reason)))}",
+            code="image_fetch_failed",
+            param=param,
+        ) from None
+    return decode_image_bytes(b"".join(chunks), limits, param=param)
+
+
+@attrs.frozen(kw_only=True)
+class ImagePolicy:
+    """What the server accepts (`--max-image-bytes`, `--max-image-pixels`,
+    `--allow-image-urls`, `--image-fetch-timeout`), applied to each image of a request."""
+
+    limits: ImageLimits = ImageLimits()
+    allow_urls: bool = False
+    fetch_timeout: float = 10.0
+
+    def decode(self, source: str, *, param: str | None = None) -> DecodedImage:
+        """An image as a client sent it (data URL, bare base64, or an http(s) URL, fetched
+        only when allowed), decoded. Blocking: call it from a worker thread."""
+        source = source.strip()
+        if self.allow_urls and source[:8].lower().startswith(("http://", "https://")):
+            return fetch_image(source, self.limits, timeout=self.fetch_timeout, param=param)
+        return decode_image_source(source, self.limits, param=param)

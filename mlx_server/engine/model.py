@@ -25,6 +25,7 @@ from .cpu import Policy, prepare_for_device
 from .memory import check_fits, weights_bytes
 from .model_info import ModelInfo
 from .tokenizer import Tokenizer, load_hf_tokenizer
+from .vision import is_vision_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ class LoadedModel:
     sampling_defaults: dict[str, float] = attrs.field(factory=dict)
     # What /v1/models reports; set by `load`.
     info: ModelInfo | None = None
+    # A vision-language model (`engine.vision`): `model` is then mlx-vlm's whole model and
+    # the executor runs it through `engine.vision_rows`.
+    vision: Any = None
 
 
 def default_model_path() -> Path:
@@ -155,8 +159,50 @@ def _load(spec: str | None, served_name: str | None, *, lazy: bool = False) -> L
             if path.suffix.lower() == ".gguf":
                 return _load_gguf(path, name, source=str(path))
             raise ModelLoadError(f"{path}: not a model directory or a .gguf file")
-        return _load_mlx_dir(_resolve_hf_cache_root(path), name, source=str(path), lazy=lazy)
-    return _load_mlx_dir(fetch_from_hub(spec), name, source=f"hf:{spec}", lazy=lazy)
+        root = _resolve_hf_cache_root(path)
+        if not lazy and is_vision_checkpoint(root):
+            return _load_vision_dir(root, name, source=str(path))
+        return _load_mlx_dir(root, name, source=str(path), lazy=lazy)
+    root = fetch_from_hub(spec)
+    if not lazy and is_vision_checkpoint(root):
+        return _load_vision_dir(root, name, source=f"hf:{spec}")
+    return _load_mlx_dir(root, name, source=f"hf:{spec}", lazy=lazy)
+
+
+def _load_vision_dir(model_dir: Path, name: str, *, source: str) -> LoadedModel:
+    """A vision-language checkpoint through mlx-vlm (`engine.vision`); its language model's
+    settings (nested under `text_config` in some families) are the config the server reads."""
+    from .vision import load_vision_model
+
+    config = _read_config(model_dir)
+    check_fits(weights_bytes(model_dir), str(model_dir))
+    tokenizer = load_hf_tokenizer(model_dir, config)
+    vm = load_vision_model(model_dir)
+    text = config.get("text_config")
+    merged = {**config, **(text if isinstance(text, dict) else {})}
+    merged["model_type"] = config.get("model_type")
+    template = ChatTemplate(
+        tokenizer.chat_template, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token
+    )
+    loaded = LoadedModel(
+        name=name,
+        model=vm.model,
+        tokenizer=tokenizer,
+        template=template,
+        config=merged,
+        source=source,
+        vision=vm,
+    )
+    tokenizer.eos_token_ids = tokenizer.eos_token_ids | set(vm.eos_token_ids)
+    loaded.sampling_defaults = model_info.sampling_from_dir(model_dir)
+    _finish(
+        loaded,
+        quantization=model_info.mlx_quantization(config),
+        size_bytes=model_info.files_size(model_dir),
+    )
+    assert loaded.info is not None
+    loaded.info = attrs.evolve(loaded.info, vision=True)
+    return loaded
 
 
 def _resolve_hf_cache_root(path: Path) -> Path:

@@ -245,7 +245,7 @@ def prepare_vision_prompt(
 
     pictures = [im.image if isinstance(im, DecodedImage) else im for im in images]
     digests = tuple(im.digest if isinstance(im, DecodedImage) else _digest(im) for im in images)
-    _check_placeholders(vm, prompt, len(pictures))
+    check_placeholders(vm, prompt, len(pictures))
     try:
         inputs = prepare_inputs(
             vm.processor,
@@ -329,7 +329,8 @@ def image_cache_key(
             image += 1
             within = 0
         previous_was_image = True
-        base = int(digests[image][:12], 16) if image < len(digests) else 0
+        # 40 bits of the hash and 20 of the position: keys stay within int64.
+        base = int(digests[image][:10], 16) if image < len(digests) else 0
         key.append(-1 - ((base << 20) | (within & 0xFFFFF)))
         within += 1
     return tuple(key)
@@ -353,7 +354,7 @@ def count_prompt_tokens(vm: VisionModel, prompt: str, sizes: Sequence[tuple[int,
     (width, height) sizes, without decoding pixels or running the encoder (count_tokens)."""
     from mlx_vlm.utils import should_add_special_tokens
 
-    _check_placeholders(vm, prompt, len(sizes))
+    check_placeholders(vm, prompt, len(sizes))
     # Expand each image's marker as the processor does, then tokenize the result.
     fixed = getattr(vm.processor, "full_image_sequence", None)
     pieces = prompt.split(vm.image_marker)
@@ -369,7 +370,8 @@ def count_prompt_tokens(vm: VisionModel, prompt: str, sizes: Sequence[tuple[int,
     return len(ids)
 
 
-def _check_placeholders(vm: VisionModel, prompt: str, images: int) -> None:
+def check_placeholders(vm: VisionModel, prompt: str, images: int) -> None:
+    """A 400 unless the prompt holds one image placeholder per image."""
     found = prompt.count(vm.image_marker)
     if found != images:
         raise InvalidRequest(

@@ -31,6 +31,7 @@ def choice_requests(prepared: Prepared) -> list[GenerationRequest]:
                     stop=request.stop,
                     ignore_eos=request.ignore_eos,
                     constraint=prepared.constraint,
+                    vision=prompt.vision,
                 )
             )
     return out

@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from ..messages import ConstraintSpec, GenerationRequest, OutputSpec, PromptSpec, StreamEvent
+from ..messages import (
+    ConstraintSpec,
+    GenerationRequest,
+    OutputSpec,
+    PromptSpec,
+    StreamEvent,
+    VisionInput,
+)
 from ..tools.detect import OutputFormat
 
 
@@ -35,6 +42,13 @@ class ModelPort(Protocol):
     def special_markers(self) -> Mapping[str, int]: ...
 
     async def prompt_ids(self, spec: PromptSpec, *, param: str = ...) -> tuple[int, ...]: ...
+
+    async def chat_prompt(
+        self, spec: PromptSpec, *, param: str = ...
+    ) -> tuple[tuple[int, ...], VisionInput | None]:
+        """A chat with images: its ids (image tokens keyed by content) and what the vision
+        encoder reads; a 400 for a model that takes no images or an image it will not read."""
+        ...
 
     async def check_constraint(self, spec: ConstraintSpec | None, *, param: str = ...) -> None: ...
 

@@ -9,7 +9,14 @@ from typing import Any
 import attrs
 
 from ..errors import InvalidRequest
-from ..messages import ChatMessage, ConstraintSpec, OutputSpec, PromptSpec, SamplingParams
+from ..messages import (
+    ChatMessage,
+    ConstraintSpec,
+    OutputSpec,
+    PromptSpec,
+    SamplingParams,
+    VisionInput,
+)
 from . import system_turns
 from .port import ModelPort
 from .request import Request, resolve_sampling
@@ -23,6 +30,7 @@ class Prompt:
     ids: tuple[int, ...]
     max_tokens: int
     text: str | None = None  # the prompt as sent, when it was text
+    vision: VisionInput | None = None  # a chat with images (`ModelPort.chat_prompt`)
 
 
 @attrs.frozen(kw_only=True)
@@ -58,10 +66,10 @@ async def prepare(model: ModelPort, request: Request) -> Prepared:
     limit = request.max_tokens
     prompts: list[Prompt] = []
     if request.chat is not None:
-        ids = await _chat_ids(model, request, tool_plan)
+        ids, vision = await _chat_prompt(model, request, tool_plan)
         wanted = model.default_max_tokens if limit is None else limit
         room = _check_length(model, ids, 1 if wanted > 0 else 0, param=request.prompt_param)
-        prompts.append(Prompt(ids=ids, max_tokens=min(wanted, room)))
+        prompts.append(Prompt(ids=ids, max_tokens=min(wanted, room), vision=vision))
     else:
         for spec in request.prompts:
             ids = await model.prompt_ids(spec, param=request.prompt_param)
@@ -80,7 +88,28 @@ async def prepare(model: ModelPort, request: Request) -> Prepared:
 
 async def count_tokens(model: ModelPort, request: Request) -> int:
     """The prompt's length, exactly as `prepare` tokenizes it."""
-    return len(await _chat_ids(model, request, plan(model.output_format, request)))
+    ids, _ = await _chat_prompt(model, request, plan(model.output_format, request))
+    return len(ids)
+
+
+async def _chat_prompt(
+    model: ModelPort, request: Request, tool_plan: Plan
+) -> tuple[tuple[int, ...], VisionInput | None]:
+    """The chat's token ids, and its images for a vision model (image tokens counted)."""
+    if not any(m.images for m in request.chat or ()):
+        return await _chat_ids(model, request, tool_plan), None
+    if request.prefill is not None:
+        raise InvalidRequest(
+            "an assistant prefill cannot be combined with images", param=request.prompt_param
+        )
+    chat = await system_turns.arrange(model, request.chat or ())
+    spec = PromptSpec(
+        chat=chat,
+        prefill=tool_plan.prefill,
+        tools=tool_plan.tools,
+        template_kwargs=tool_plan.template_kwargs,
+    )
+    return await model.chat_prompt(spec, param=request.prompt_param)
 
 
 async def _chat_ids(model: ModelPort, request: Request, tool_plan: Plan) -> tuple[int, ...]:

@@ -36,7 +36,7 @@ import attrs
 
 from ...errors import InvalidRequest
 from ...generation import Request, Sampling, ToolChoice
-from ...messages import ChatMessage, ConstraintSpec, ToolCall, ToolSpec
+from ...messages import ChatMessage, ConstraintSpec, ImageRef, ToolCall, ToolSpec
 from . import protocol as p
 
 SEPARATOR = "\n\n"
@@ -198,9 +198,13 @@ def _message_turns(m: p.MessageIn, where: str) -> list[ChatMessage]:
     texts: list[str] = []
     calls: list[ToolCall] = []
     thoughts: list[str] = []
+    images: list[ImageRef] = []
     for j, block in enumerate(m.content):
         at = f"{where}[{j}]"
-        if isinstance(block, p.ThinkingBlock) and role == "assistant":
+        if isinstance(block, p.MediaBlock) and block.type == "image" and role == "user":
+            offset = len(SEPARATOR.join(t for t in texts if t))
+            images.append(ImageRef(source=_image_source(block, at), offset=offset, param=at))
+        elif isinstance(block, p.ThinkingBlock) and role == "assistant":
             if block.type == "thinking" and block.thinking:
                 thoughts.append(block.thinking)
         elif role == "system" and not isinstance(block, p.TextBlock):
@@ -228,11 +232,38 @@ def _message_turns(m: p.MessageIn, where: str) -> list[ChatMessage]:
                 role=role, content=text or None, tool_calls=tuple(calls), reasoning=reasoning
             )
         )
-    elif text:
-        out.append(ChatMessage(role=role, content=text))
+    elif text or images:
+        out.append(ChatMessage(role=role, content=text, images=tuple(images)))
     elif reasoning:  # thinking only: a prefill that continues after the thinking
         out.append(ChatMessage(role=role, content="", reasoning=reasoning))
     return out
+
+
+def _image_source(block: p.MediaBlock, where: str) -> str:
+    """An image block's source as the frontend decodes it: a data URL for base64 data, the
+    URL itself for a url source (fetched only when the server allows it)."""
+    source = block.source or {}
+    kind = source.get("type")
+    if kind == "base64":
+        data, media = source.get("data"), source.get("media_type")
+        if not isinstance(data, str) or not data:
+            raise InvalidRequest(f"'{where}.source.data' is required", param=f"{where}.source.data")
+        if not isinstance(media, str) or not media.startswith("image/"):
+            raise InvalidRequest(
+                f"'{where}.source.media_type' must be an image type "
+                "(image/png, image/jpeg, image/webp or image/gif)",
+                param=f"{where}.source.media_type",
+            )
+        return f"data:{media};base64,{data}"
+    if kind == "url":
+        url = source.get("url")
+        if not isinstance(url, str) or not url:
+            raise InvalidRequest(f"'{where}.source.url' is required", param=f"{where}.source.url")
+        return url
+    raise InvalidRequest(
+        f"'{where}.source.type' must be 'base64' or 'url', got {kind!r}",
+        param=f"{where}.source.type",
+    )
 
 
 def _block_text(block: p.Block, where: str) -> str | None:
@@ -241,7 +272,8 @@ def _block_text(block: p.Block, where: str) -> str | None:
         return block.text
     if isinstance(block, p.MediaBlock):
         raise InvalidRequest(
-            f"'{where}': content block type {block.type!r} is not supported (text-only model)",
+            f"'{where}': content block type {block.type!r} is not supported here "
+            "(images go in user messages)",
             param=where,
         )
     if isinstance(block, p.ThinkingBlock):

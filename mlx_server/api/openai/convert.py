@@ -9,7 +9,7 @@ from typing import Any
 
 from ...errors import InvalidRequest
 from ...generation import Request, Sampling, ToolChoice
-from ...messages import ChatMessage, ConstraintSpec, PromptSpec, ToolCall, ToolSpec
+from ...messages import ChatMessage, ConstraintSpec, ImageRef, PromptSpec, ToolCall, ToolSpec
 from . import protocol as p
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -154,7 +154,7 @@ def chat_request(body: p.ChatCompletionRequest) -> Request:
 
 
 def _message(m: p.ChatMessageIn, where: str) -> ChatMessage:
-    content = _content_text(m.content, f"{where}.content")
+    content, images = _content(m.content, f"{where}.content")
     if content is None and m.role in ("system", "developer", "user"):
         raise InvalidRequest(f"'{where}.content' is required", param=f"{where}.content")
     calls = tuple(
@@ -167,24 +167,45 @@ def _message(m: p.ChatMessageIn, where: str) -> ChatMessage:
         tool_calls=calls,
         tool_call_id=m.tool_call_id,
         reasoning=m.reasoning_content,
+        images=images,
     )
 
 
-def _content_text(content: str | list[Any] | None, where: str) -> str | None:
+def _content(
+    content: str | list[Any] | None, where: str
+) -> tuple[str | None, tuple[ImageRef, ...]]:
+    """The text of a message's content and its images, each at its place in the text (the
+    model's frontend decodes them, or refuses them for a text-only model)."""
     if content is None or isinstance(content, str):
-        return content
+        return content, ()
     parts: list[str] = []
+    images: list[ImageRef] = []
+    at = 0  # characters of text so far: where the next image goes
     for j, part in enumerate(content):
-        if isinstance(part, str):
-            parts.append(part)
-        elif isinstance(part, p.TextPart):
-            parts.append(part.text)
+        here = f"{where}[{j}]"
+        if isinstance(part, str | p.TextPart):
+            text = part if isinstance(part, str) else part.text
+            parts.append(text)
+            at += len(text)
+        elif part.type in ("image_url", "input_image"):
+            images.append(ImageRef(source=_image_url(part, here), offset=at, param=here))
         else:
             raise InvalidRequest(
-                f"'{where}[{j}]': content type {part.type!r} is not supported (text-only model)",
-                param=f"{where}[{j}]",
+                f"'{here}': content type {part.type!r} is not supported", param=here
             )
-    return "".join(parts)
+    return "".join(parts), tuple(images)
+
+
+def _image_url(part: p.MediaPart, where: str) -> str:
+    """The url of an `image_url` part: `{"url": ...}` (OpenAI), or the string itself."""
+    value = part.image_url
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidRequest(
+            f"'{where}.image_url.url' must be a data URL, base64 image data or an http(s) URL",
+            param=f"{where}.image_url",
+        )
+    return url
 
 
 def _tool_call(call: p.ToolCallIn, where: str) -> ToolCall:
