@@ -508,7 +508,8 @@ _OPTIONS += (
         _choice("speculative mode", ("off", "ngram", "auto")),
         "Prompt-lookup speculative decoding inside the batch: rows draft the tokens that "
         "followed their latest n-gram in their own prompt and output, verified in the batch's "
-        "forward pass. auto drafts for greedy rows and backs off after rejected drafts; ngram "
+        "forward pass. auto drafts on a GPU for greedy rows where drafts pay (off on a CPU, "
+        "where verifying costs about as much as decoding each token); ngram "
         "drafts for sampled rows too (rejection sampling keeps their distribution); off. Only "
         "models whose caches can be cut (plain KV attention) draft.",
         "off|ngram|auto",

@@ -28,7 +28,7 @@ from mlx.utils import tree_map_with_path
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from mlx_server.engine.batch import BatchEngine
-from mlx_server.engine.speculative import NgramIndex, accept_greedy, trim_rows
+from mlx_server.engine.speculative import NgramIndex, accept_greedy, resolve, trim_rows
 from mlx_server.messages import (
     Admit,
     CachedPrefix,
@@ -58,6 +58,13 @@ def test_accept_greedy_keeps_the_agreeing_prefix_and_one_model_token() -> None:
     assert accept_greedy([4, 5, 6, 7], [4, 5, 6]) == [4, 5, 6, 7]
     assert accept_greedy([4, 9, 6, 7], [4, 5, 6]) == [4, 9]
     assert accept_greedy([3, 5, 6, 7], [4, 5, 6]) == [3]
+
+
+def test_auto_is_off_on_a_cpu() -> None:
+    assert mx.default_device() == mx.cpu  # (the test suite runs on the CPU)
+    assert resolve("auto") == "off"
+    assert resolve("ngram") == "ngram"
+    assert resolve("off") == "off"
 
 
 def test_trim_rows_cuts_each_row_of_a_batched_cache_to_its_own_length() -> None:
@@ -328,8 +335,8 @@ def _chi2_limit(dof: int) -> float:
 
 @pytest.mark.slow
 async def test_server_drafts_and_answers_as_mlx_lm(tmp_path: Path) -> None:
-    """Concurrent greedy chat requests through the server (auto mode, the default) give
-    mlx-lm's own text, and /metrics counts the drafts proposed and accepted."""
+    """Concurrent greedy chat requests through the server give mlx-lm's own text, and
+    /metrics counts the drafts proposed and accepted. (ngram: auto is off on a CPU.)"""
     import httpx
     import mlx_lm
     import trio
@@ -359,7 +366,8 @@ async def test_server_drafts_and_answers_as_mlx_lm(tmp_path: Path) -> None:
             "temperature": 0,
         }
 
-    with run_server(["--model", str(model_dir)], log_path=tmp_path / "server.log") as server:
+    args = ["--model", str(model_dir), "--speculative", "ngram"]
+    with run_server(args, log_path=tmp_path / "server.log") as server:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
             texts: dict[str, str] = {}
 

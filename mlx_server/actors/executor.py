@@ -175,6 +175,7 @@ class Executor:
         # Imported here, on the executor thread: mlx-lm's import is slow and must not delay
         # the HTTP server, which answers /health with "loading" meanwhile.
         from ..engine.batch import BatchEngine
+        from ..engine.speculative import resolve
 
         settings: dict[str, Any] = dict(
             eos_token_ids=loaded.tokenizer.eos_token_ids,
@@ -182,7 +183,7 @@ class Executor:
             prefill_chunk=self._prefill_chunk,
             keep_caches=self._keep_caches,
             tokenizer=loaded.tokenizer,
-            speculative=self._speculative,
+            speculative=resolve(self._speculative),
             draft_tokens=self._draft_tokens,
         )
         if loaded.vision is not None:  # a vision-language model: image rows beside text rows

@@ -32,6 +32,16 @@ from .sampling import filter_logits
 MODES = ("off", "ngram", "auto")
 
 
+def resolve(mode: str) -> str:
+    """The mode the engine runs for the flag's value on this device. auto is off on a CPU: a
+    pass that verifies k drafted tokens costs about k passes there (the matrix products are
+    bound by compute, not by reading the weights), so drafting loses even when most drafts
+    are accepted (bench/speculative.py: 0.7-0.8x with 55-60% of drafts accepted)."""
+    if mode == "auto" and mx.default_device() == mx.cpu:
+        return "off"
+    return mode
+
+
 class NgramIndex:
     """Where each n-gram (min_n..max_n tokens) of a token list last appeared, updated as tokens
     are appended, so that a lookup costs a few dictionary reads however long the text is."""
