@@ -94,6 +94,8 @@ class Executor:
         lockstep: Lockstep | None = None,
         speculative: str = "off",
         draft_tokens: int = 6,
+        kv_bits: int = 0,
+        kv_group_size: int = 64,
     ) -> None:
         self._load = load
         # Distributed serving (rank 0): each turn's commands go to the other ranks first.
@@ -104,6 +106,7 @@ class Executor:
         self._keep_caches = keep_caches
         self._speculative = speculative
         self._draft_tokens = draft_tokens
+        self._kv = (kv_bits, kv_group_size)
         self._inbox: queue.SimpleQueue[ExecutorCommand | Job] = queue.SimpleQueue()
         self.loaded: LoadedModel | None = None
         self.can_reuse_prefix = False
@@ -185,6 +188,8 @@ class Executor:
             tokenizer=loaded.tokenizer,
             speculative=resolve(self._speculative),
             draft_tokens=self._draft_tokens,
+            kv_bits=self._kv[0],
+            kv_group_size=self._kv[1],
         )
         if loaded.vision is not None:  # a vision-language model: image rows beside text rows
             from ..engine.vision_rows import VisionBatchEngine

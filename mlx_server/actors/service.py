@@ -85,6 +85,8 @@ class ModelService:
                         lockstep=self.rank0,
                         speculative=settings.speculative,
                         draft_tokens=settings.draft_tokens,
+                        kv_bits=settings.kv_bits,
+                        kv_group_size=settings.kv_group_size,
                     )
                     log.info("loading model %s (%s)", slot.name, slot.spec or "bundled default")
                     loaded = await nursery.start(executor.serve)

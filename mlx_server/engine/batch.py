@@ -35,6 +35,7 @@ from ..messages import (
 from . import caches as cache_ops
 from .constrain import Constraint
 from .constrain import start as start_constraint
+from .kv_quant import BatchQuantKVCache, quantize_caches
 from .memory import prefill_budget
 from .sampling import RowSampler, sample_batch
 from .speculative import NgramIndex, accept_greedy, accept_sampled, trim_rows
@@ -93,6 +94,8 @@ class BatchEngine:
         tokenizer: Tokenizer | None = None,
         speculative: str = "off",
         draft_tokens: int = 6,
+        kv_bits: int = 0,
+        kv_group_size: int = 64,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer  # compiles the grammars of constrained requests
@@ -112,13 +115,28 @@ class BatchEngine:
         # caches that merge into a batch; prompt reuse needs caches we know how to copy (cut to
         # any prefix for KV caches, reused whole for recurrent state).
         caches = make_prompt_cache(model)
+        # Quantized KV caches (`engine.kv_quant`): for models whose every layer is plain KV.
+        self.kv_bits = kv_bits if cache_ops.all_plain(caches) else 0
+        self.kv_group_size = kv_group_size
+        if kv_bits and not self.kv_bits:
+            log.warning("--kv-bits ignored: this model's caches are not all plain KV caches")
+        self._plain = cache_ops.all_plain(caches)
+        if self.kv_bits:
+            try:  # a group size that does not divide the head dimension fails here, not later
+                probe = self._new_cache()
+                self.model(mx.array([[0]]), cache=probe)
+                mx.eval(cache_ops.arrays(probe))
+            except ValueError as exc:
+                log.warning("--kv-bits ignored: cannot quantize this model's KV cache: %s", exc)
+                self.kv_bits = 0
+        caches = self._new_cache()
         self.cache_kinds = cache_ops.kinds(caches)
         self.batchable = cache_ops.batchable(caches)
         self.can_reuse = cache_ops.storable(caches)
         self._n_caches = len(caches)
         # New prompts that arrive together are read in one batch: left-padded for plain KV
-        # caches, right-padded (mlx-lm's prepare/finalize) for the other types that batch.
-        self._plain = cache_ops.all_plain(caches)
+        # caches (`_plain`, set above), right-padded (mlx-lm's prepare/finalize) for the other
+        # types that batch.
         self.batch_prefill = self.batchable and getattr(model, "batched_prefill", True)
         # Distributed serving: makes every rank use rank 0's sampled tokens (lazily, in-graph).
         self.share_tokens: Callable[[mx.array], mx.array] | None = None
@@ -129,6 +147,7 @@ class BatchEngine:
         # can be cut back to the accepted drafts, and the model gives every position's logits.
         can_draft = (
             self._plain
+            and not self.kv_bits
             and isinstance(model, nn.Module)
             and getattr(model, "multi_token_logits", True)
         )
@@ -165,7 +184,7 @@ class BatchEngine:
                 if all(p is not None for p in parts):
                     cache, cached = parts, length
         if cache is None:
-            cache = make_prompt_cache(self.model)
+            cache = self._new_cache()
         self.prefilling.append(Sequence(request, cache, cached, self.vocab_size, constraint))
         return PrefillProgress(
             request_id=request.request_id, done=cached, total=len(request.prompt_ids), cached=cached
@@ -292,7 +311,7 @@ class BatchEngine:
             width = max(len(s.prompt) for s in group)
             pads = [width - len(s.prompt) for s in group]
             tokens = mx.array([[0] * p + s.prompt for p, s in zip(pads, group, strict=True)])
-            cache: list[Any] = [BatchKVCache(pads) for _ in range(self._n_caches)]
+            cache: list[Any] = [self._batch_cache(pads) for _ in range(self._n_caches)]
             if width > 1:
                 self._forward_hidden(tokens[:, :-1], cache)
             logits = self.model(tokens[:, -1:], cache=cache)[:, -1, :]
@@ -327,7 +346,7 @@ class BatchEngine:
         BatchGenerator does: empty caches merged into batched ones, told each row's length
         (recurrent state stops at it; a sliding window keeps the row's own last positions),
         then shifted to the left-padded form decoding uses."""
-        fresh = [make_prompt_cache(self.model) for _ in group]
+        fresh = [self._new_cache() for _ in group]
         cache = [fresh[0][i].merge([f[i] for f in fresh]) for i in range(self._n_caches)]
         lengths = [len(s.prompt) - 1 for s in group]
         width = max(lengths)
@@ -591,6 +610,18 @@ class BatchEngine:
         return [i for i in range(len(rows)) if i not in drop]
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _new_cache(self) -> list[Any]:
+        """A fresh single-sequence cache per layer (quantized under --kv-bits)."""
+        caches = make_prompt_cache(self.model)
+        if self.kv_bits:
+            caches = quantize_caches(caches, self.kv_bits, self.kv_group_size)
+        return caches
+
+    def _batch_cache(self, pads: list[int]) -> Any:
+        if self.kv_bits:
+            return BatchQuantKVCache(pads, group_size=self.kv_group_size, bits=self.kv_bits)
+        return BatchKVCache(pads)
 
     def _forward_hidden(self, chunk: mx.array, cache: list[Any]) -> None:
         """Run a prompt chunk through the layers only: its logits are never needed."""

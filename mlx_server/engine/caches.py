@@ -27,6 +27,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, RotatingKVCache
 
+from .kv_quant import QuantKVCache
+
 
 def batchable(caches: Sequence[Any]) -> bool:
     """Whether rows with these caches can decode together (every type merges into a batch)."""
@@ -41,7 +43,7 @@ def storable(caches: Sequence[Any]) -> bool:
 def _storable(c: Any) -> bool:
     if type(c) is CacheList:
         return all(_storable(x) for x in c.caches)
-    return type(c) in (KVCache, RotatingKVCache, ArraysCache)
+    return type(c) in (KVCache, RotatingKVCache, ArraysCache, QuantKVCache)
 
 
 def all_plain(caches: Sequence[Any]) -> bool:
@@ -56,7 +58,7 @@ def cuttable(caches: Sequence[Any]) -> bool:
 
 def _cuttable(c: Any) -> bool:
     t = type(c)
-    if t is KVCache:
+    if t is KVCache or t is QuantKVCache:
         return True
     if t is RotatingKVCache:
         return c.keys is None or _ordered(c).shape[2] == c.offset  # nothing dropped yet
@@ -92,6 +94,14 @@ def copy_prefix(cache: Any, length: int, total: int) -> Any | None:
         new = KVCache()
         new.keys = cache.keys[..., :length, :]
         new.values = cache.values[..., :length, :]
+        new.offset = length
+        return new
+    if t is QuantKVCache:
+        if cache.keys is None or length > cache.offset:
+            return None
+        new = QuantKVCache(group_size=cache.group_size, bits=cache.bits)
+        new.keys = tuple(x[..., :length, :] for x in cache.keys)
+        new.values = tuple(x[..., :length, :] for x in cache.values)
         new.offset = length
         return new
     if t is RotatingKVCache:
