@@ -200,8 +200,10 @@ def test_auto_batch_size() -> None:
     assert memory.auto_batch_size(LLAMA_8B, 40 * gib) == math.floor(40 * 0.6 * 2)
     assert memory.auto_batch_size(LLAMA_8B, 1 * gib) == memory.AUTO_BATCH_MIN
     assert memory.auto_batch_size(LLAMA_8B, None) == 32
-    # float32 caches take twice the room.
+    # float32 caches take twice the room; an 8-bit cache (group 64) about 0.53x.
     assert memory.auto_batch_size(LLAMA_8B, 40 * gib, dtype_bytes=4) == 24
+    assert memory.auto_batch_size(LLAMA_8B, 40 * gib, kv_bits=8) == 90
+    assert memory.auto_batch_size(LLAMA_8B, 20 * gib, kv_bits=4) == 85
 
 
 def test_auto_flags() -> None:

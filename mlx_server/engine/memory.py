@@ -146,15 +146,21 @@ def auto_batch_size(
     *,
     dtype_bytes: int = 2,
     context_tokens: int = AUTO_CONTEXT_TOKENS,
+    kv_bits: int = 0,
+    kv_group_size: int = 64,
 ) -> int:
     """`--max-batch-size auto`: how many streams' caches fit in a share of the free memory,
     each stream assumed to fill `context_tokens` of context (or the model's own context, if
-    shorter), clamped to [AUTO_BATCH_MIN, AUTO_BATCH_MAX]."""
+    shorter), clamped to [AUTO_BATCH_MIN, AUTO_BATCH_MAX]. A quantized KV cache (`kv_bits`)
+    takes bits/8 bytes per value plus a 16-bit scale and bias per `kv_group_size` values."""
     if free_bytes is None:
         return 32
     cfg = {**config, **config.get("text_config", {})}
     context = min(context_tokens, _int_of(cfg, "max_position_embeddings") or context_tokens)
     per_token, fixed = kv_bytes(config, dtype_bytes)
+    if kv_bits:
+        per_value = kv_bits / 8 + 4 / kv_group_size
+        per_token = int(per_token * per_value / dtype_bytes)
     per_stream = max(1, per_token * context + fixed)
     fits = int(free_bytes * AUTO_MEMORY_SHARE) // per_stream
     return max(AUTO_BATCH_MIN, min(AUTO_BATCH_MAX, fits))
