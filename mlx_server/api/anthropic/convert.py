@@ -248,13 +248,11 @@ def _image_source(block: p.MediaBlock, where: str) -> str:
         data, media = source.get("data"), source.get("media_type")
         if not isinstance(data, str) or not data:
             raise InvalidRequest(f"'{where}.source.data' is required", param=f"{where}.source.data")
-        if not isinstance(media, str) or not media.startswith("image/"):
+        if not isinstance(media, str):
             raise InvalidRequest(
-                f"'{where}.source.media_type' must be an image type "
-                "(image/png, image/jpeg, image/webp or image/gif)",
-                param=f"{where}.source.media_type",
+                f"'{where}.source.media_type' is required", param=f"{where}.source.media_type"
             )
-        return f"data:{media};base64,{data}"
+        return f"data:{media};base64,{data}"  # the decoder checks the type and the bytes
     if kind == "url":
         url = source.get("url")
         if not isinstance(url, str) or not url:
