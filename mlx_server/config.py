@@ -67,6 +67,9 @@ class Settings:
     # Quantized KV cache (engine/kv_quant.py): 0 keeps it in the model's dtype.
     kv_bits: int = 0
     kv_group_size: int = 64
+    # Prompt cache on disk (engine/disk_cache.py): off without a directory.
+    prompt_cache_dir: str | None = None
+    prompt_cache_disk_bytes: int = 8 << 30
     # Images (engine/images.py): limits, and whether http(s) image URLs are fetched.
     allow_image_urls: bool = False
     max_image_bytes: int = 20 * 1024 * 1024
@@ -541,6 +544,24 @@ _OPTIONS += (
         "model's head dimension.",
         "32|64|128",
         "64",
+    ),
+    _Option(
+        "prompt_cache_dir",
+        _path("prompt cache directory"),
+        "Keep the KV states of long prompts (256 tokens and more) in files under DIR, written "
+        "by a worker thread, so that a prompt sharing such a prefix after a restart loads it "
+        "instead of reading it again. Files of another model, corrupt or truncated files are "
+        "ignored with a warning. Plain-KV models without --kv-bits only.",
+        "DIR",
+        "none (off)",
+    ),
+    _Option(
+        "prompt_cache_disk_bytes",
+        _size,
+        "Disk budget of --prompt-cache-dir: bytes or a binary suffix such as 8G; the least "
+        "recently used files are deleted past it.",
+        "SIZE",
+        "8GiB",
     ),
 )
 

@@ -96,6 +96,8 @@ class Executor:
         draft_tokens: int = 6,
         kv_bits: int = 0,
         kv_group_size: int = 64,
+        disk_dir: str | None = None,
+        disk_bytes: int = 8 << 30,
     ) -> None:
         self._load = load
         # Distributed serving (rank 0): each turn's commands go to the other ranks first.
@@ -107,6 +109,7 @@ class Executor:
         self._speculative = speculative
         self._draft_tokens = draft_tokens
         self._kv = (kv_bits, kv_group_size)
+        self._disk = (disk_dir, disk_bytes)
         self._inbox: queue.SimpleQueue[ExecutorCommand | Job] = queue.SimpleQueue()
         self.loaded: LoadedModel | None = None
         self.can_reuse_prefix = False
@@ -178,7 +181,20 @@ class Executor:
         # Imported here, on the executor thread: mlx-lm's import is slow and must not delay
         # the HTTP server, which answers /health with "loading" meanwhile.
         from ..engine.batch import BatchEngine
+        from ..engine.disk_cache import DiskCache
         from ..engine.speculative import resolve
+
+        disk = None
+        if self._disk[0] is not None and self._keep_caches:
+            # The state's identity: which weights (name and source) and their shape.
+            config = loaded.config
+            model_id = f"{loaded.name}|{loaded.source}|{_vocab_size(loaded)}|" + "|".join(
+                str(config.get(k)) for k in ("num_hidden_layers", "hidden_size", "model_type")
+            )
+            try:
+                disk = DiskCache(self._disk[0], budget=self._disk[1], model_id=model_id)
+            except OSError as exc:
+                log.warning("prompt cache on disk off: %s", exc)
 
         settings: dict[str, Any] = dict(
             eos_token_ids=loaded.tokenizer.eos_token_ids,
@@ -190,6 +206,7 @@ class Executor:
             draft_tokens=self._draft_tokens,
             kv_bits=self._kv[0],
             kv_group_size=self._kv[1],
+            disk=disk,
         )
         if loaded.vision is not None:  # a vision-language model: image rows beside text rows
             from ..engine.vision_rows import VisionBatchEngine
@@ -212,6 +229,8 @@ class Executor:
             command = self._inbox.get() if not engine.has_work else _get_nowait(self._inbox)
             with MLX_TURNS:
                 if self._turn(engine, loaded, command, post, token):
+                    if disk is not None:
+                        disk.close()  # the states queued are written before the exit
                     return
 
     def _turn(

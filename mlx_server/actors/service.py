@@ -87,6 +87,8 @@ class ModelService:
                         draft_tokens=settings.draft_tokens,
                         kv_bits=settings.kv_bits,
                         kv_group_size=settings.kv_group_size,
+                        disk_dir=settings.prompt_cache_dir,
+                        disk_bytes=settings.prompt_cache_disk_bytes,
                     )
                     log.info("loading model %s (%s)", slot.name, slot.spec or "bundled default")
                     loaded = await nursery.start(executor.serve)

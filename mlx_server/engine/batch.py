@@ -35,6 +35,7 @@ from ..messages import (
 from . import caches as cache_ops
 from .constrain import Constraint
 from .constrain import start as start_constraint
+from .disk_cache import DiskCache
 from .kv_quant import BatchQuantKVCache, quantize_caches
 from .memory import prefill_budget
 from .sampling import RowSampler, sample_batch
@@ -96,6 +97,7 @@ class BatchEngine:
         draft_tokens: int = 6,
         kv_bits: int = 0,
         kv_group_size: int = 64,
+        disk: DiskCache | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer  # compiles the grammars of constrained requests
@@ -153,6 +155,8 @@ class BatchEngine:
         )
         self.speculative = speculative if can_draft else "off"
         self.draft_tokens = max(1, draft_tokens)
+        # The prompt cache on disk (`engine.disk_cache`): plain KV caches only.
+        self.disk = disk if self._plain and not self.kv_bits else None
         self.drafted = 0  # draft tokens proposed and accepted, since the start
         self.accepted = 0
 
@@ -183,6 +187,12 @@ class BatchEngine:
                 parts = [cache_ops.copy_prefix(c, length, total) for c in stored]
                 if all(p is not None for p in parts):
                     cache, cached = parts, length
+        if self.disk is not None and self.keep_caches:
+            found = self.disk.lookup(request.prompt_ids, longer_than=cached)
+            if found is not None:
+                parts = self.disk.load(found[0], found[1], self._n_caches)
+                if parts is not None:
+                    cache, cached = parts, found[1]
         if cache is None:
             cache = self._new_cache()
         self.prefilling.append(Sequence(request, cache, cached, self.vocab_size, constraint))
@@ -749,6 +759,8 @@ class BatchEngine:
             # Evaluate now: an unevaluated row slice keeps the whole batch's KV arrays alive.
             mx.eval(cache_ops.arrays(cache))
             self.stored[handle] = (cache, len(token_ids))
+            if self.disk is not None:
+                self.disk.put(token_ids, cache)
             nbytes = sum(int(c.nbytes) for c in cache)
             stored = StoredCache(
                 handle=handle,
