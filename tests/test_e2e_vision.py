@@ -160,6 +160,7 @@ def server(
     args = [a for f in FAMILIES for a in ("--model", f"{f}={dirs[f]}")]
     args += ["--model", f"text={dirs['text']}"]
     args += ["--max-image-bytes", "100000", "--max-image-pixels", "1000000"]
+    args += ["--prefill-chunk", "16"]  # image prompts read in several chunks
     with run_server(args, env=_env(), log_path=log) as srv:
         _wait_loaded(srv)
         yield srv
@@ -280,6 +281,32 @@ def test_every_api_answers_as_mlx_vlm(
     r = http.post("/v1/chat/completions", json=text)
     assert r.status_code == 200, r.text
     assert _chat_text(r.json()) == refs[family]["text"]
+
+
+def test_ollama_images(http: httpx.Client, refs: dict[str, dict[str, str]]) -> None:
+    """Ollama's `images` (bare base64) on /api/chat and /api/generate read the same."""
+    image = base64.b64encode(PNG).decode()
+    options = {"temperature": 0, "num_predict": MAX_TOKENS}
+    for family in ("qwen2_5_vl", "gemma3"):
+        message = {"role": "user", "content": QUESTION, "images": [image]}
+        body = {"model": family, "messages": [message], "stream": False, "options": options}
+        r = http.post("/api/chat", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["message"]["content"] == refs[family]["image"]
+        body = {
+            "model": family,
+            "prompt": QUESTION,
+            "images": [image],
+            "stream": False,
+            "options": options,
+        }
+        r = http.post("/api/generate", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["response"] == refs[family]["image"]
+    body = {"model": "text", "messages": [message], "stream": False, "options": options}
+    r = http.post("/api/chat", json=body)
+    assert r.status_code == 400, r.text
+    assert "does not accept images" in r.json()["error"]
 
 
 async def test_image_rows_batch_with_text_rows(

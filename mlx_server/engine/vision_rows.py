@@ -11,12 +11,14 @@ the server's pieces:
   the processor's tokenizer (Hugging Face's fast tokenizers must not be entered from two
   threads at once).
 - `VisionBatchEngine` (the executor thread): a `BatchEngine` whose model is the VLM's language
-  model. An image request's prompt, up to its last token, is read at admission through the
-  vision encoder (`vision.prepare_vision_prompt`, from the cached prefix on) in prefill chunks;
-  the last token (always text) is then read by the engine's own sampling pass and the row joins
-  the decode batch like any other. Qwen-VL's multimodal RoPE places a row's later positions at
-  `cache offset + rope_delta`: each row's delta is looked up by the batch's rows at every call,
-  so text rows (delta 0) and image rows decode in one pass.
+  model. At admission an image request runs the processor and the vision encoder
+  (`vision.prepare_vision_prompt`, from the cached prefix on: an image wholly inside the cached
+  prefix is not encoded again); its prompt is then read in the engine's own prefill chunks,
+  between decode steps of the other rows, except that each chunk reads the merged embeddings
+  (image features in place) at the prompt's own multimodal positions. The row then joins the
+  decode batch like any other. Qwen-VL's multimodal RoPE places a row's later positions at
+  `cache offset + rope_delta`: each decode pass looks its rows' deltas up, so text rows
+  (delta 0) and image rows decode in one pass.
 
 Speculative decoding is off for VLMs (the view is not an `nn.Module`), and fresh prompts are
 read one by one (`batched_prefill = False`).
@@ -25,12 +27,13 @@ read one by one (`batched_prefill = False`).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import mlx.core as mx
 
-from ..messages import Admit, FinishReason, PrefillProgress, SequenceFinished, VisionInput
+from ..messages import Admit, FinishReason, PrefillProgress, SequenceFinished
 from . import vision
 from .batch import BatchEngine
 from .batch import Sequence as Row
@@ -66,26 +69,56 @@ class PromptKeys:
 
 
 class _RowView(vision.LanguageModelView):
-    """The language model as the batch engine calls it, with each call's rows' rope deltas."""
+    """The language model as the batch engine calls it: a call on the cache of an image row
+    still reading its prompt reads that row's merged embeddings; any other call decodes with
+    its rows' rope deltas."""
 
     batched_prefill = False
 
-    def __init__(
-        self, vm: vision.VisionModel, deltas: Callable[[list[Any]], list[int] | None]
-    ) -> None:
+    def __init__(self, vm: vision.VisionModel, engine: VisionBatchEngine) -> None:
         super().__init__(vm)
-        self._deltas = deltas
+        self._engine = engine
 
     def __call__(  # type: ignore[override]
         self, inputs: mx.array, cache: list[Any] | None = None, **_: Any
     ) -> mx.array:
         if cache is None:
             cache = self.vm.make_cache()
-        deltas = self._deltas(cache) if self.vm.mrope else None
+        reading = self._engine.reading(cache)
+        if reading is not None:
+            return reading.read(self.vm, inputs.shape[1])
+        deltas = self._engine.deltas(cache) if self.vm.mrope else None
         return vision.forward(self.vm, inputs, cache, rope_deltas=deltas)
 
     def parameters(self) -> Any:
         return self.vm.model.parameters()
+
+
+@attrs.define(eq=False)
+class _Reading:
+    """An image row reading its prompt: its cache and its prepared prompt, read so far up to
+    prompt position `at` (the engine reads it in its prefill chunks, like any prompt)."""
+
+    cache: list[Any]
+    prompt: vision.VisionPrompt
+    at: int
+
+    def read(self, vm: vision.VisionModel, n: int) -> mx.array:
+        """The next `n` prompt positions into the cache; their logits."""
+        vp, a = self.prompt, self.at - self.prompt.start
+        if a + n > vp.embeddings.shape[1]:
+            raise ValueError("read past the end of the vision prompt")
+        pos = vp.position_ids
+        logits = vision.forward(
+            vm,
+            mx.array(vp.input_ids[self.at : self.at + n])[None],
+            self.cache,
+            embeddings=vp.embeddings[:, a : a + n],
+            position_ids=None if pos is None else pos[..., a : a + n],
+            extra=vp.extra,
+        )
+        self.at += n
+        return logits
 
 
 class VisionBatchEngine(BatchEngine):
@@ -94,72 +127,52 @@ class VisionBatchEngine(BatchEngine):
     def __init__(self, vm: vision.VisionModel, **kwargs: Any) -> None:
         self.vm = vm
         self._row_deltas: dict[str, int] = {}
-        # Rows between their image prefill and joining the batch: their own cache list.
-        self._solo: dict[str, tuple[list[Any], int]] = {}
-        super().__init__(_RowView(vm, self._deltas_for), **kwargs)  # type: ignore[arg-type]
+        self._reading: dict[str, _Reading] = {}
+        super().__init__(_RowView(vm, self), **kwargs)  # type: ignore[arg-type]
 
-    def _deltas_for(self, cache: list[Any]) -> list[int] | None:
+    def deltas(self, cache: list[Any]) -> list[int] | None:
+        """The rope deltas of the rows a decode pass over `cache` runs (None: all 0)."""
         if cache is self.batch_cache:
             return [self._row_deltas.get(s.rid, 0) for s in self.running]
-        for own, delta in self._solo.values():
-            if own is cache:
-                return [delta]
         return None  # a text row reading its prompt: delta 0
 
+    def reading(self, cache: list[Any]) -> _Reading | None:
+        for r in self._reading.values():
+            if r.cache is cache:
+                return r
+        return None
+
     def admit(self, admit: Admit) -> PrefillProgress:
+        """Queue the request; for an image request, run the processor and the vision encoder
+        now (from the cached prefix on) and read the prompt in the prefill chunks."""
         progress = super().admit(admit)
         request = admit.request
         if request.vision is None:
             return progress
         seq = self.prefilling[-1]
+        assert seq.cache is not None
         try:
-            self._read_images(seq, request.vision)
+            vp = vision.prepare_vision_prompt(
+                self.vm, request.vision.text, request.vision.images, start=seq.prefilled
+            )
+            if vp.cache_key != tuple(seq.prompt):
+                raise ValueError("the vision prompt does not match its tokenized form")
         except BaseException:
             self.prefilling.pop()
-            self._forget(seq.rid)
             raise
-        return PrefillProgress(
-            request_id=seq.rid,
-            done=seq.prefilled,
-            total=len(seq.prompt),
-            cached=seq.cached_tokens,
-        )
-
-    def _read_images(self, seq: Row, inputs: VisionInput) -> None:
-        """Everything but the prompt's last token, from the cached prefix on, into the row's
-        cache (the encoder runs only if an image lies after the cached prefix)."""
-        assert seq.cache is not None
-        start = seq.prefilled
-        vp = vision.prepare_vision_prompt(self.vm, inputs.text, inputs.images, start=start)
-        if vp.cache_key != tuple(seq.prompt):
-            raise ValueError("the vision prompt does not match its tokenized form")
-        stop = len(seq.prompt) - 1
-        ids = mx.array(vp.input_ids[start:stop])[None]
-        total, done = stop - start, 0
-        chunk = max(1, self.prefill_chunk)
-        while done < total:
-            n = min(chunk, total - done)
-            pos = vp.position_ids
-            vision.forward(
-                self.vm,
-                ids[:, done : done + n],
-                seq.cache,
-                embeddings=vp.embeddings[:, done : done + n],
-                position_ids=None if pos is None else pos[..., done : done + n],
-                extra=vp.extra,
-            )
-            mx.eval([c.state for c in seq.cache])
-            done += n
-        seq.prefilled = stop
         self._row_deltas[seq.rid] = vp.rope_delta
-        self._solo[seq.rid] = (seq.cache, vp.rope_delta)
+        self._reading[seq.rid] = _Reading(cache=seq.cache, prompt=vp, at=seq.prefilled)
+        return progress
 
-    def _forget(self, rid: str) -> None:
-        self._row_deltas.pop(rid, None)
-        self._solo.pop(rid, None)
+    def _forward_hidden(self, chunk: mx.array, cache: list[Any]) -> None:
+        reading = self.reading(cache)
+        if reading is None:
+            super()._forward_hidden(chunk, cache)
+        else:
+            reading.read(self.vm, chunk.shape[1])
 
     def _join(self, seq: Row) -> None:
-        self._solo.pop(seq.rid, None)
+        self._reading.pop(seq.rid, None)
         super()._join(seq)
 
     def _finished(
@@ -170,5 +183,6 @@ class VisionBatchEngine(BatchEngine):
         *,
         cache_has_last: bool = False,
     ) -> SequenceFinished:
-        self._forget(seq.rid)
+        self._row_deltas.pop(seq.rid, None)
+        self._reading.pop(seq.rid, None)
         return super()._finished(seq, reason, cache, cache_has_last=cache_has_last)
