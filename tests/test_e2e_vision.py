@@ -460,6 +460,9 @@ BAD_IMAGES = [
     pytest.param(
         Q, "data:text/plain;base64,aGVsbG8=", "unsupported_image_format", id="not-an-image"
     ),
+    pytest.param(  # Qwen's processor refuses an aspect ratio over 200:1
+        Q, _data_url(_encode(Image.new("RGB", (900, 4)), "PNG")), "invalid_image", id="sliver"
+    ),
     pytest.param("text", PNG_URL, "model_not_vision", id="text-only-model"),
     pytest.param(Q, "http://127.0.0.1:9/a.png", "image_fetch_disabled", id="url-without-flag"),
 ]
@@ -492,8 +495,31 @@ def test_bad_images_are_400s_in_each_dialect(
     assert r.json()["error"]["message"] == error["message"]
 
 
+def test_streams_and_abandoned_streams(http: httpx.Client, refs: dict[str, dict[str, str]]) -> None:
+    """An image request streamed reads as mlx-vlm; one abandoned after its first chunk (the
+    client goes away) leaves the batch."""
+    for family in FAMILIES:
+        text = ""
+        with http.stream("POST", "/v1/chat/completions", json=_chat_body(family, stream=True)) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    delta = json.loads(line[6:])["choices"][0]["delta"]
+                    text += delta.get("content") or ""
+        assert text == refs[family]["image"]
+        body = _chat_body(family, stream=True, max_tokens=200, ignore_eos=True)
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())
+
+
 def test_nothing_is_left_running(http: httpx.Client) -> None:
-    health = http.get("/health").json()
+    deadline = time.monotonic() + 30  # abandoned streams end at their next step
+    while True:
+        health = http.get("/health").json()
+        if health["running"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert health["status"] == "ok"
     assert health["running"] == 0 and health["waiting"] == 0
 

@@ -126,10 +126,9 @@ class Frontend:
             for m in spec.chat or ()
         )
         text = self._render(attrs.evolve(spec, chat=chat))
-        pictures: list[DecodedImage] = []
-        for m in chat:
-            pictures.extend(r.image for r in sorted(m.images, key=lambda r: r.offset) if r.image)
-        ids = self._prompt_keys.key(text, pictures)
+        refs = [r for m in chat for r in sorted(m.images, key=lambda r: r.offset) if r.image]
+        pictures: list[DecodedImage] = [r.image for r in refs if r.image is not None]
+        ids = self._prompt_keys.key(text, pictures, [r.param for r in refs])
         return ids, VisionInput(text=text, images=tuple(pictures))
 
     def _decoded(self, ref: ImageRef) -> ImageRef:

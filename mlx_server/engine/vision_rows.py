@@ -37,7 +37,7 @@ from ..messages import Admit, FinishReason, PrefillProgress, SequenceFinished
 from . import vision
 from .batch import BatchEngine
 from .batch import Sequence as Row
-from .images import DecodedImage
+from .images import DecodedImage, ImageError
 
 
 class PromptKeys:
@@ -47,9 +47,12 @@ class PromptKeys:
         self.vm = vm
         self._tokenizer = copy.deepcopy(vm.tokenizer)
 
-    def key(self, prompt: str, images: Sequence[DecodedImage]) -> tuple[int, ...]:
+    def key(
+        self, prompt: str, images: Sequence[DecodedImage], params: Sequence[str] = ()
+    ) -> tuple[int, ...]:
         """What `prepare_vision_prompt(vm, prompt, images).cache_key` will be (the executor
-        checks that it is)."""
+        checks that it is). An image the processor refuses is a 400 naming its `params`
+        entry."""
         from mlx_vlm.utils import should_add_special_tokens
 
         vm = self.vm
@@ -57,12 +60,16 @@ class PromptKeys:
         fixed = getattr(vm.processor, "full_image_sequence", None)
         pieces = prompt.split(vm.image_marker)
         text = pieces[0]
-        for im, piece in zip(images, pieces[1:], strict=True):
+        for i, (im, piece) in enumerate(zip(images, pieces[1:], strict=True)):
             if isinstance(fixed, str):
                 text += fixed + piece
-            else:
+                continue
+            try:
                 count = vision.count_image_tokens(vm, im.width, im.height)
-                text += vm.image_marker * count + piece
+            except ImageError as e:
+                param = params[i] if i < len(params) else None
+                raise ImageError(str(e), code=e.code or "invalid_image", param=param) from None
+            text += vm.image_marker * count + piece
         add = should_add_special_tokens(vm.model_type, vm.processor)
         ids = [int(t) for t in self._tokenizer(text, add_special_tokens=add).input_ids]
         return vision.image_cache_key(ids, vm.image_token_id, [im.digest for im in images])
