@@ -399,6 +399,62 @@ def test_follow_up_turn_reuses_the_image_prefix(
     assert _messages_text(r.json()) == refs[family]["follow_up"]
 
 
+def test_tool_results_carry_screenshots(http: httpx.Client) -> None:
+    """A tool's image result (a coding agent reading a screenshot file): Anthropic's
+    tool_result image block and OpenAI's tool message image part give the same prompt and the
+    same answer; its tokens are counted."""
+    family = "qwen2_5_vl"
+    call = {"type": "tool_use", "id": "t1", "name": "Read", "input": {"path": "shot.png"}}
+    result = {
+        "type": "tool_result",
+        "tool_use_id": "t1",
+        "content": [_anthropic_image(), {"type": "text", "text": "shot.png"}],
+    }
+    anthropic_body = {
+        "model": family,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "messages": [
+            {"role": "user", "content": "Read shot.png"},
+            {"role": "assistant", "content": [call]},
+            {"role": "user", "content": [result]},
+        ],
+    }
+    r = http.post("/v1/messages", json=anthropic_body)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    with_image = usage["input_tokens"] + usage["cache_read_input_tokens"]
+    openai_call = {
+        "id": "t1",
+        "type": "function",
+        "function": {"name": "Read", "arguments": '{"path": "shot.png"}'},
+    }
+    tool_content = [
+        {"type": "image_url", "image_url": {"url": PNG_URL}},
+        {"type": "text", "text": "shot.png"},
+    ]
+    openai_body = {
+        "model": family,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "messages": [
+            {"role": "user", "content": "Read shot.png"},
+            {"role": "assistant", "content": None, "tool_calls": [openai_call]},
+            {"role": "tool", "tool_call_id": "t1", "content": tool_content},
+        ],
+    }
+    o = http.post("/v1/chat/completions", json=openai_body)
+    assert o.status_code == 200, o.text
+    assert o.json()["usage"]["prompt_tokens"] == with_image
+    assert _chat_text(o.json()) == _messages_text(r.json())
+    result["content"] = [{"type": "text", "text": "shot.png"}]
+    counted = http.post(
+        "/v1/messages/count_tokens",
+        json={k: anthropic_body[k] for k in ("model", "messages")},
+    )
+    assert counted.json()["input_tokens"] < with_image - 3  # the image's tokens
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_token_counts_include_the_image(http: httpx.Client, family: str) -> None:
     body = _messages_body(family)

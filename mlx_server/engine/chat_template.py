@@ -190,6 +190,18 @@ def _call_text(call: dict[str, Any]) -> str:
     return f"<tool_call>\n{body}\n</tool_call>"
 
 
+def _joined(first: Any, second: Any) -> Any:
+    """Two tool results' contents on separate lines (text, or parts when images are among
+    them)."""
+    if isinstance(first, str) and isinstance(second, str):
+        return first + "\n" + second
+
+    def parts(c: Any) -> list[Any]:
+        return c if isinstance(c, list) else [{"type": "text", "text": c}]
+
+    return [*parts(first), {"type": "text", "text": "\n"}, *parts(second)]
+
+
 def with_tool_prompt(
     messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
 ) -> list[dict[str, Any]]:
@@ -199,12 +211,19 @@ def with_tool_prompt(
     for message in messages:
         m = dict(message)
         if m.get("role") == "tool":
-            result = {"name": m.get("name") or m.get("tool_call_id"), "content": m.get("content")}
-            block = (
+            content: Any = m.get("content")
+            images: list[dict[str, Any]] = []
+            if isinstance(content, list):  # a vision model's tool result with images
+                images = [p for p in content if p.get("type") != "text"]
+                content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+            result = {"name": m.get("name") or m.get("tool_call_id"), "content": content}
+            block: Any = (
                 "<tool_response>\n" + json.dumps(result, ensure_ascii=False) + "\n</tool_response>"
             )
+            if images:  # the images follow their result, as image parts of the user turn
+                block = [{"type": "text", "text": block}, *images]
             if out and out[-1].get("_tool_results"):
-                out[-1]["content"] += "\n" + block
+                out[-1]["content"] = _joined(out[-1]["content"], block)
             else:
                 out.append({"role": "user", "content": block, "_tool_results": True})
             continue

@@ -213,10 +213,13 @@ def _message_turns(m: p.MessageIn, where: str) -> list[ChatMessage]:
                 param=at,
             )
         elif isinstance(block, p.ToolResultBlock) and m.role == "user":
-            text = _result_text(block.content, f"{at}.content")
+            text, shown = _result_parts(block.content, f"{at}.content")
             if block.is_error is True:
                 text = f"Error: {text}"
-            results.append(ChatMessage(role="tool", content=text, tool_call_id=block.tool_use_id))
+                shown = tuple(attrs.evolve(r, offset=r.offset + 7) for r in shown)
+            results.append(
+                ChatMessage(role="tool", content=text, tool_call_id=block.tool_use_id, images=shown)
+            )
         elif isinstance(block, p.ToolUseBlock) and m.role == "assistant":
             calls.append(ToolCall(name=block.name, arguments=block.input, id=block.id))
         else:
@@ -293,6 +296,27 @@ def _result_text(content: str | list[p.Block] | None, where: str) -> str:
     return SEPARATOR.join(t for t in parts if t is not None)
 
 
+def _result_parts(
+    content: str | list[p.Block] | None, where: str
+) -> tuple[str, tuple[ImageRef, ...]]:
+    """A tool result's text and its images (a screenshot a tool returned), each image at its
+    place in the text."""
+    if content is None or isinstance(content, str):
+        return content or "", ()
+    texts: list[str] = []
+    images: list[ImageRef] = []
+    for j, block in enumerate(content):
+        at = f"{where}[{j}]"
+        if isinstance(block, p.MediaBlock) and block.type == "image":
+            offset = len(SEPARATOR.join(texts))
+            images.append(ImageRef(source=_image_source(block, at), offset=offset, param=at))
+            continue
+        text = _block_text(block, at)
+        if text is not None:
+            texts.append(text)
+    return SEPARATOR.join(texts), tuple(images)
+
+
 def _append_turn(turns: list[ChatMessage], turn: ChatMessage) -> None:
     """Merge a turn into the previous one of the same role (not tool turns)."""
     last = turns[-1] if turns else None
@@ -301,9 +325,14 @@ def _append_turn(turns: list[ChatMessage], turn: ChatMessage) -> None:
         return
     content = SEPARATOR.join(c for c in (last.content, turn.content) if c) or None
     reasoning = "\n".join(r for r in (last.reasoning, turn.reasoning) if r) or None
+    shift = len(content or "") - len(turn.content or "")  # where the later turn's text starts
+    images = last.images + tuple(
+        attrs.evolve(ref, offset=ref.offset + shift) for ref in turn.images
+    )
     turns[-1] = ChatMessage(
         role=turn.role,
         content=content,
         tool_calls=last.tool_calls + turn.tool_calls,
         reasoning=reasoning,
+        images=images,
     )
