@@ -27,6 +27,7 @@ read one by one (`batched_prefill = False`).
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,6 +47,7 @@ class PromptKeys:
     def __init__(self, vm: vision.VisionModel) -> None:
         self.vm = vm
         self._tokenizer = copy.deepcopy(vm.tokenizer)
+        self._lock = threading.Lock()  # worker threads share this copy
 
     def key(
         self, prompt: str, images: Sequence[DecodedImage], params: Sequence[str] = ()
@@ -71,7 +73,9 @@ class PromptKeys:
                 raise ImageError(str(e), code=e.code or "invalid_image", param=param) from None
             text += vm.image_marker * count + piece
         add = should_add_special_tokens(vm.model_type, vm.processor)
-        ids = [int(t) for t in self._tokenizer(text, add_special_tokens=add).input_ids]
+        with self._lock:
+            encoded = self._tokenizer(text, add_special_tokens=add).input_ids
+        ids = [int(t) for t in encoded]
         return vision.image_cache_key(ids, vm.image_token_id, [im.digest for im in images])
 
 
