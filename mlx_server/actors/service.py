@@ -101,6 +101,8 @@ class ModelService:
                             loaded.config,
                             memory.free_device_bytes(settings.prompt_cache_bytes),
                             dtype_bytes=memory.activation_bytes(loaded.model),
+                            kv_bits=settings.kv_bits,
+                            kv_group_size=settings.kv_group_size,
                         )
                         log.info("max batch size %d (auto)", scheduler.max_running)
                     self.frontend = Frontend(
