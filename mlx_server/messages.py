@@ -358,6 +358,10 @@ class StepOutput:
     # Speculative decoding: draft tokens proposed and accepted in this step.
     drafted: int = 0
     accepted: int = 0
+    # Bytes of KV cache held by the requests in the engine (-1: not reported this step), and
+    # prompt-cache states loaded from disk this step.
+    kv_bytes: int = -1
+    disk_hits: int = 0
 
 
 # --------------------------------------------------------------------------------------------

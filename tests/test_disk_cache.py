@@ -165,5 +165,9 @@ async def test_server_reuses_a_state_after_a_restart(tmp_path: Path) -> None:
     follow = [*first, *turn]
     with run_server(args, log_path=tmp_path / "two.log") as server:
         again = await ask(server.base_url, follow)
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            metrics = (await client.get("/metrics")).text
     usage = again["usage"]
     assert usage["prompt_tokens_details"]["cached_tokens"] >= 256, usage  # type: ignore[index]
+    assert "mlx_server_prompt_cache_disk_hits_total 1.0" in metrics
+    assert "mlx_server_kv_cache_bytes " in metrics

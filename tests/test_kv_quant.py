@@ -125,6 +125,13 @@ def test_batched_quantized_cache_equals_mlx_lm(model: nn.Module, bits: int) -> N
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_state_serves_a_follow_up_turn(model: nn.Module, bits: int) -> None:
     eng = engine(model, bits)
+    eng.admit(admit("x", PROMPTS[1]))
+    eng.step()  # read the prompt: the cache in use is quantized
+    plain = engine(model, 0)
+    plain.admit(admit("x", PROMPTS[1]))
+    plain.step()
+    assert 0 < eng.kv_bytes() < plain.kv_bytes()
+    eng.abort("x")
     tokens, done = drive(eng, [admit("a", PROMPTS[0])])
     stored = done["a"].stored
     assert stored is not None and stored.cuttable

@@ -110,6 +110,7 @@ class Executor:
         self._draft_tokens = draft_tokens
         self._kv = (kv_bits, kv_group_size)
         self._disk = (disk_dir, disk_bytes)
+        self._disk_hits = 0
         self._inbox: queue.SimpleQueue[ExecutorCommand | Job] = queue.SimpleQueue()
         self.loaded: LoadedModel | None = None
         self.can_reuse_prefix = False
@@ -276,9 +277,17 @@ class Executor:
                 batch_size=len(engine.running),
                 drafted=engine.drafted - drafted,
                 accepted=engine.accepted - accepted,
+                kv_bytes=engine.kv_bytes(),
+                disk_hits=self._new_disk_hits(engine),
             )
         )
         return False
+
+    def _new_disk_hits(self, engine: Any) -> int:
+        """States loaded from disk since the last step's report (loads happen at admission)."""
+        total = engine.disk.hits if engine.disk is not None else 0
+        new, self._disk_hits = total - self._disk_hits, total
+        return new
 
     def _handle(
         self,

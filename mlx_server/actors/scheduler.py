@@ -6,7 +6,8 @@ executor event to the channel of the request it belongs to. It never blocks on t
 commands go out through a thread-safe queue, step outputs come back into the inbox.
 
 Requests that arrive together are admitted together: the inbox is drained before admitting, and
-a round's prefix lookups all finish before its `Admit`s go out back to back, so the executor
+a round's prefix lookups (one round trip to the cache manager) finish before its `Admit`s go out
+back to back, so the executor
 finds the whole burst in its inbox and reads the fresh prompts in one batch. `admissions` keeps
 each recent request's timeline (submitted, admitted, first prompt chunk read, first token) and
 the admission round it belonged to.
@@ -57,6 +58,8 @@ class GenerationMetrics(Protocol):
 
     def drafts(self, *, proposed: int, accepted: int) -> None: ...
 
+    def kv_cache(self, *, active_bytes: int, disk_hits: int) -> None: ...
+
 
 class _NoMetrics:
     def tokens_generated(self, count: int) -> None:
@@ -72,6 +75,9 @@ class _NoMetrics:
         pass
 
     def drafts(self, *, proposed: int, accepted: int) -> None:
+        pass
+
+    def kv_cache(self, *, active_bytes: int, disk_hits: int) -> None:
         pass
 
 
@@ -291,6 +297,8 @@ class Scheduler:
             self.metrics.tokens_generated(generated)
         if output.drafted:
             self.metrics.drafts(proposed=output.drafted, accepted=output.accepted)
+        if output.kv_bytes >= 0 or output.disk_hits:
+            self.metrics.kv_cache(active_bytes=output.kv_bytes, disk_hits=output.disk_hits)
 
     async def _admit(self) -> None:
         """One admission round: every waiting request that fits, its prefix looked up first,
@@ -303,7 +311,7 @@ class Scheduler:
         if not batch:
             return
         self.rounds += 1
-        prefixes = [await self._cache.lookup(t.request.prompt_ids) for t in batch]
+        prefixes = await self._cache.lookup_many([t.request.prompt_ids for t in batch])
         now = trio.current_time()
         for tracked, prefix in zip(batch, prefixes, strict=True):
             rid = tracked.request.request_id

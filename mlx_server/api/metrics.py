@@ -103,6 +103,17 @@ class Metrics:
             "Speculative decoding: draft tokens proposed (prompt lookup).",
             registry=r,
         )
+        self.kv_active_bytes = Gauge(
+            "mlx_server_kv_cache_bytes",
+            "Bytes of KV cache held by the requests being read or decoded (quantized with "
+            "--kv-bits), last step of any model.",
+            registry=r,
+        )
+        self.disk_hits = Counter(
+            "mlx_server_prompt_cache_disk_hits",
+            "Prompt prefixes loaded from --prompt-cache-dir instead of computed.",
+            registry=r,
+        )
         self.draft_accepted = Counter(
             "mlx_server_draft_accepted_tokens",
             "Speculative decoding: draft tokens the model accepted (each one a decode pass saved).",
@@ -134,6 +145,12 @@ class Metrics:
     def drafts(self, *, proposed: int, accepted: int) -> None:
         self.draft_tokens.inc(proposed)
         self.draft_accepted.inc(accepted)
+
+    def kv_cache(self, *, active_bytes: int, disk_hits: int) -> None:
+        if active_bytes >= 0:
+            self.kv_active_bytes.set(active_bytes)
+        if disk_hits:
+            self.disk_hits.inc(disk_hits)
 
     # -- HTTP ------------------------------------------------------------------------------
 

@@ -621,6 +621,20 @@ class BatchEngine:
 
     # -- helpers ---------------------------------------------------------------------------
 
+    def kv_bytes(self) -> int:
+        """Bytes of KV cache the requests in the engine hold (kept prompt-cache states not
+        counted: the prompt cache manager accounts for those)."""
+        caches = list(self.batch_cache or [])
+        for seq in self.prefilling:
+            caches += seq.cache or []
+        total = 0
+        for c in caches:
+            try:
+                total += int(c.nbytes)
+            except (AttributeError, NotImplementedError, TypeError):
+                pass
+        return total
+
     def _new_cache(self) -> list[Any]:
         """A fresh single-sequence cache per layer (quantized under --kv-bits)."""
         caches = make_prompt_cache(self.model)
