@@ -5,7 +5,7 @@ stay on the executor thread, which it tells what to free."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 
 @attrs.frozen(kw_only=True)
 class _Lookup:
-    prompt_ids: tuple[int, ...]
-    reply: trio.MemorySendChannel[CachedPrefix | None]
+    prompts: tuple[tuple[int, ...], ...]
+    reply: trio.MemorySendChannel[list[CachedPrefix | None]]
 
 
 @attrs.frozen(kw_only=True)
@@ -44,10 +44,14 @@ class CacheManager:
         return self._cache.used
 
     async def lookup(self, prompt_ids: tuple[int, ...]) -> CachedPrefix | None:
-        if not self.enabled:
-            return None
-        reply_send, reply_recv = trio.open_memory_channel[CachedPrefix | None](1)
-        await self._send.send(_Lookup(prompt_ids=prompt_ids, reply=reply_send))
+        return (await self.lookup_many([prompt_ids]))[0]
+
+    async def lookup_many(self, prompts: Sequence[tuple[int, ...]]) -> list[CachedPrefix | None]:
+        """Several prompts' prefixes in one round trip (a burst of arrivals)."""
+        if not self.enabled or not prompts:
+            return [None] * len(prompts)
+        reply_send, reply_recv = trio.open_memory_channel[list[CachedPrefix | None]](1)
+        await self._send.send(_Lookup(prompts=tuple(prompts), reply=reply_send))
         async with reply_recv:
             return await reply_recv.receive()
 
@@ -61,14 +65,18 @@ class CacheManager:
         task_status.started()
         async for msg in self._recv:
             if isinstance(msg, _Lookup):
-                self.lookups += 1
-                # Reuse at most all but the last prompt token: the last one yields the logits.
-                found = self._cache.lookup(msg.prompt_ids[:-1])
-                if found is not None:
-                    self.hits += 1
-                reply = CachedPrefix(handle=found[0], length=found[1]) if found else None
+                replies: list[CachedPrefix | None] = []
+                for prompt_ids in msg.prompts:
+                    self.lookups += 1
+                    # Reuse at most all but the last prompt token: the last one yields the logits.
+                    found = self._cache.lookup(prompt_ids[:-1])
+                    if found is not None:
+                        self.hits += 1
+                    replies.append(
+                        CachedPrefix(handle=found[0], length=found[1]) if found else None
+                    )
                 with msg.reply:
-                    msg.reply.send_nowait(reply)
+                    msg.reply.send_nowait(replies)
             else:
                 s = msg.stored
                 evicted = self._cache.insert(s.handle, s.token_ids, s.nbytes, cuttable=s.cuttable)
