@@ -13,6 +13,9 @@ over the time they took. The greedy tokens with and without drafts are compared 
 (they should be identical; a difference at a near-tie can come from the verification pass
 computing a position in a batch of several instead of alone).
 
+"auto" is the engine's policy itself, whatever the device (the server resolves `--speculative
+auto` to off on a CPU, where drafting measured slower).
+
 What the acceptance rate measures depends on the model: it is high only when the model really
 copies. Use a real instruct model (the default SmolLM2) for figures; a random-weight model
 shows only the cost of drafting when drafts fail (`--model` a tiny dir: the chat figures).
