@@ -128,7 +128,7 @@ class BatchEngine:
                 probe = self._new_cache()
                 self.model(mx.array([[0]]), cache=probe)
                 mx.eval(cache_ops.arrays(probe))
-            except ValueError as exc:
+            except Exception as exc:  # the model's attention may not take quantized caches
                 log.warning("--kv-bits ignored: cannot quantize this model's KV cache: %s", exc)
                 self.kv_bits = 0
         caches = self._new_cache()
@@ -155,8 +155,10 @@ class BatchEngine:
         )
         self.speculative = speculative if can_draft else "off"
         self.draft_tokens = max(1, draft_tokens)
-        # The prompt cache on disk (`engine.disk_cache`): plain KV caches only.
-        self.disk = disk if self._plain and not self.kv_bits else None
+        # The prompt cache on disk (`engine.disk_cache`): plain KV caches of a text model only
+        # (a vision model's state depends on images its token ids do not name).
+        text_model = isinstance(model, nn.Module)
+        self.disk = disk if self._plain and not self.kv_bits and text_model else None
         self.drafted = 0  # draft tokens proposed and accepted, since the start
         self.accepted = 0
 
