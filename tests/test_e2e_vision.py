@@ -399,6 +399,25 @@ def test_follow_up_turn_reuses_the_image_prefix(
     assert _messages_text(r.json()) == refs[family]["follow_up"]
 
 
+def test_responses_follow_up_by_previous_response_id(http: httpx.Client) -> None:
+    """A stored response's image is part of the next turn's conversation: read from the
+    prefix cache, its tokens counted."""
+    first = http.post("/v1/responses", json=_responses_body("qwen2_5_vl"))
+    assert first.status_code == 200, first.text
+    body = {
+        "model": "qwen2_5_vl",
+        "max_output_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "previous_response_id": first.json()["id"],
+        "input": FOLLOW_UP,
+    }
+    r = http.post("/v1/responses", json=body)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["input_tokens"] > first.json()["usage"]["input_tokens"]
+    assert usage["input_tokens_details"]["cached_tokens"] >= first.json()["usage"]["input_tokens"]
+
+
 def test_tool_results_carry_screenshots(http: httpx.Client) -> None:
     """A tool's image result (a coding agent reading a screenshot file): Anthropic's
     tool_result image block and OpenAI's tool message image part give the same prompt and the
