@@ -588,6 +588,12 @@ def test_streams_and_abandoned_streams(http: httpx.Client, refs: dict[str, dict[
             next(r.iter_lines())
 
 
+def test_embeddings_from_a_vlm_are_refused(http: httpx.Client) -> None:
+    r = http.post("/v1/embeddings", json={"model": "qwen2_5_vl", "input": "hello"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "model"
+
+
 def test_nothing_is_left_running(http: httpx.Client) -> None:
     deadline = time.monotonic() + 30  # abandoned streams end at their next step
     while True:
