@@ -27,6 +27,7 @@ read one by one (`batched_prefill = False`).
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +40,8 @@ from . import vision
 from .batch import BatchEngine
 from .batch import Sequence as Row
 from .images import DecodedImage, ImageError
+
+log = logging.getLogger(__name__)
 
 
 class PromptKeys:
@@ -139,6 +142,9 @@ class VisionBatchEngine(BatchEngine):
         self.vm = vm
         self._row_deltas: dict[str, int] = {}
         self._reading: dict[str, _Reading] = {}
+        if kwargs.get("kv_bits"):  # untested with mlx-vlm's attention: not offered yet
+            log.warning("--kv-bits ignored: vision models keep a full-precision KV cache")
+            kwargs["kv_bits"] = 0
         super().__init__(_RowView(vm, self), **kwargs)  # type: ignore[arg-type]
 
     def deltas(self, cache: list[Any]) -> list[int] | None:
