@@ -255,6 +255,9 @@ def test_models_report_the_vision_capability(http: httpx.Client) -> None:
     for family in FAMILIES:
         assert "vision" in models[family]["metadata"]["capabilities"], family
     assert "vision" not in models["text"]["metadata"]["capabilities"]
+    for name, vision_model in (("qwen2_5_vl", True), ("text", False)):
+        shown = http.post("/api/show", json={"model": name}).json()
+        assert ("vision" in shown["capabilities"]) is vision_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -369,6 +369,8 @@ async def show() -> dict[str, Any]:
     capabilities = ["completion", "tools"]  # every model gets tools (a generic prompt at worst)
     if fe is not None and fe.output_format.reasoning:
         capabilities.append("thinking")
+    if fe is not None and fe.vision:
+        capabilities.append("vision")
     return {
         "license": "",
         "modelfile": f"FROM {slot.name}\n",
