@@ -14,6 +14,7 @@ import pytest
 import mlx_server
 from mlx_server import cli
 from mlx_server.config import Settings, load_settings, parse_size
+from mlx_server.engine import cpu
 from mlx_server.errors import ModelLoadError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -330,6 +331,9 @@ def fake_runtime(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
     monkeypatch.setattr(mlx_server, "runtime", module, raising=False)
     levels: list[str] = []
     monkeypatch.setattr(cli, "configure_logging", lambda s: levels.append(s.log_level))
+    # The BLAS preload is the runtime's business too (and looking for a library may start
+    # ldconfig): these tests are about the CLI around it.
+    monkeypatch.setattr(cpu, "preload_blas", lambda: None)
     state.levels = levels
     return state
 

@@ -68,10 +68,10 @@ def preload_blas(environ: dict[str, str] | None = None) -> str | None:
 
 def _find_openblas() -> list[str]:
     found = [p for p in _CANDIDATES if Path(p).exists()]
+    if found:  # find_library starts ldconfig (and gcc): only when the usual places are empty
+        return found
     name = ctypes.util.find_library("openblas")
-    if name:
-        found.append(name)
-    return found
+    return [name] if name else []
 
 
 def blas_loaded() -> str | None:
