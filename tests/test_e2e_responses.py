@@ -16,6 +16,7 @@ import openai
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 
+from mlx_server.testing import openapi
 from mlx_server.testing.scripted import Script, build_scripted_model, write_scripts
 from mlx_server.testing.server import ServerProcess, run_server
 
@@ -142,12 +143,30 @@ def test_streamed_tool_call(server: ServerProcess) -> None:
     adapter = __import__("pydantic").TypeAdapter(ResponseStreamEvent)
     for event in events:
         adapter.validate_python(event)
+        openapi.validate("openai.ResponseStreamEvent", event)  # strict: closed objects
     args = "".join(
         e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"
     )
     assert json.loads(args) == {"city": "Paris"}
     done = [e for e in events if e["type"] == "response.function_call_arguments.done"]
     assert json.loads(done[0]["arguments"]) == {"city": "Paris"}
+
+
+def test_whole_bodies_meet_the_strict_contract(server: ServerProcess) -> None:
+    for body in (
+        {"input": "weather?", "tools": TOOLS},
+        {
+            "input": "PATCH it",
+            "tools": TOOLS,
+            "tool_choice": {"type": "custom", "name": "apply_patch"},
+        },
+        {"input": "HELLO", "max_output_tokens": 3},
+    ):
+        r = httpx.post(
+            server.base_url + "/v1/responses", json={"model": "default", **body}, timeout=120
+        )
+        assert r.status_code == 200, r.text
+        openapi.validate("openai.Response", r.json())
 
 
 def test_forced_custom_tool_follows_its_grammar(client: openai.OpenAI) -> None:

@@ -20,6 +20,7 @@ from mlx_server.messages import (
     ToolCallStart,
     Usage,
 )
+from mlx_server.testing import openapi
 
 EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
 BASE = {
@@ -46,6 +47,7 @@ def _run(events: list[StreamEvent], finish: Finished | Failed, **kw: Any) -> lis
         out.extend(writer.fail(finish))
     for event in out:
         EVENT.validate_python(event, strict=False)
+        openapi.validate("openai.ResponseStreamEvent", event)  # the strict contract too
     assert [e["sequence_number"] for e in out] == list(range(len(out)))
     return out
 
@@ -173,3 +175,18 @@ def test_store_is_byte_bounded_lru() -> None:
     assert store.get("huge") is None
     assert store.delete("a") and not store.delete("a")
     assert store.get("c") is not None and store.get("c").history()[-1] == {"t": "c" * 50}  # type: ignore[union-attr]
+
+
+def test_strict_contract_rejects_broken_events() -> None:
+    good = _run([TextDelta(text="x")], _done())
+    openapi.validate("openai.Response", good[-1]["response"])
+    missing = {k: v for k, v in good[4].items() if k != "sequence_number"}
+    wrong_status = {**good[-1]["response"], "status": "done"}
+    extra = {**good[-1]["response"], "surprise": 1}
+    for broken, name in (
+        (missing, "openai.ResponseStreamEvent"),
+        (wrong_status, "openai.Response"),
+        (extra, "openai.Response"),
+    ):
+        with pytest.raises(AssertionError):
+            openapi.validate(name, broken)

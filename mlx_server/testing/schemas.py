@@ -157,6 +157,11 @@ MODEL_METADATA = {
     )
 }
 
+# Responses: `store` is echoed as the API does, though the SDK's model does not name it.
+RESPONSE_EXTRAS = {"store": {"type": "boolean"}}
+ResponsesResponse = ot.responses.Response
+ResponsesStreamEvent = ot.responses.ResponseStreamEvent
+
 CHAT_LOGPROBS = {"ChoiceLogprobs": ("content", "refusal"), "TopLogprob": ("bytes",)}
 CHAT_TOKEN_LOGPROB = {"ChatCompletionTokenLogprob": ("bytes",)}
 
@@ -209,6 +214,19 @@ CONTRACTS: tuple[Contract, ...] = (
         source=OpenAIErrorBody,
         aliases=("ErrorResponse",),
         always={"ErrorObject": ("param", "code")},
+    ),
+    Contract(
+        name="openai.Response",
+        source=ResponsesResponse,
+        aliases=("Response",),
+        always={"Response": ("error", "incomplete_details", "instructions", "usage")},
+        extensions={"Response": RESPONSE_EXTRAS},
+    ),
+    Contract(
+        name="openai.ResponseStreamEvent",
+        source=ResponsesStreamEvent,
+        aliases=("ResponseStreamEvent",),
+        extensions={"Response": RESPONSE_EXTRAS},
     ),
     Contract(
         name="anthropic.Message",

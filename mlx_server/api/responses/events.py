@@ -318,10 +318,9 @@ class ResponseWriter:
                 "arguments": "" if empty else (text or "{}"),
             }
         else:
-            body = {
+            body = {  # OpenAI's custom tool call item has no status
                 "id": item.item_id,
                 "type": "custom_tool_call",
-                "status": status,
                 "call_id": item.call_id,
                 "name": item.name,
                 "input": "" if empty else custom_input(text),
