@@ -31,6 +31,7 @@ import anthropic.types as at
 import attrs
 import openai.types as ot
 import openai.types.chat as oc
+import openai.types.responses as otr
 import openai.types.shared as os_
 import pydantic
 
@@ -159,8 +160,8 @@ MODEL_METADATA = {
 
 # Responses: `store` is echoed as the API does, though the SDK's model does not name it.
 RESPONSE_EXTRAS = {"store": {"type": "boolean"}}
-ResponsesResponse = ot.responses.Response
-ResponsesStreamEvent = ot.responses.ResponseStreamEvent
+ResponsesResponse = otr.Response
+ResponsesStreamEvent = otr.ResponseStreamEvent
 
 CHAT_LOGPROBS = {"ChoiceLogprobs": ("content", "refusal"), "TopLogprob": ("bytes",)}
 CHAT_TOKEN_LOGPROB = {"ChatCompletionTokenLogprob": ("bytes",)}
