@@ -289,3 +289,17 @@ def test_agents_sdk_default_model_tool_loop(server: ServerProcess) -> None:
 
     assert asyncio.run(main()) == ANSWER
     assert calls == ["Paris"]
+
+
+def test_default_model_answers_over_responses(default_server: ServerProcess) -> None:
+    """The real bundled model through the Responses API, streamed: a short greedy answer."""
+    client = openai.OpenAI(base_url=default_server.base_url + "/v1", api_key="x", max_retries=0)
+    with client.responses.stream(
+        model="default",
+        input="What is the capital of France?",
+        temperature=0,
+        max_output_tokens=12,
+    ) as stream:
+        final = stream.get_final_response()
+    assert "Paris" in final.output_text
+    assert final.usage is not None and final.usage.output_tokens <= 12
