@@ -20,8 +20,8 @@ def test_policy(tmp_path: Path) -> None:
     assert guard.allowed(str(tmp_path / "elsewhere" / "model.gguf"))
     assert guard.allowed("/dev/null")
     # Beside the checkout is refused even though a broad root (tmp_path) holds it.
-    assert not guard.allowed(str(tmp_path / "checkout" / "shared" / "specs" / "openai.yaml"))
-    assert not guard.allowed(str(repo / ".." / "shared"))
+    assert not guard.allowed(str(tmp_path / "checkout" / "beside" / "specs" / "openai.yaml"))
+    assert not guard.allowed(str(repo / ".." / "beside"))
     assert not guard.allowed("/opt/elsewhere/file")
     assert "/" not in PathGuard(repo, ["/"]).roots  # "/" would allow everything
 
@@ -29,16 +29,16 @@ def test_policy(tmp_path: Path) -> None:
 def test_a_symlink_out_of_the_repo_is_judged_by_its_target(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
-    (tmp_path / "shared").mkdir()
-    (tmp_path / "shared" / "spec.yaml").write_text("x")
-    (repo / "spec.yaml").symlink_to(tmp_path / "shared" / "spec.yaml")
+    (tmp_path / "beside").mkdir()
+    (tmp_path / "beside" / "spec.yaml").write_text("x")
+    (repo / "spec.yaml").symlink_to(tmp_path / "beside" / "spec.yaml")
     assert not PathGuard(repo, []).allowed(str(repo / "spec.yaml"))
 
 
 def test_hook_records_opens_outside_while_active(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
-    beside = tmp_path / "shared.txt"
+    beside = tmp_path / "beside.txt"
     beside.write_text("x")
     guard = PathGuard(repo, [])
     guard.install()  # stays installed for the process; inert once inactive

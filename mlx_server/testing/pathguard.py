@@ -1,7 +1,7 @@
 """Catch a test process opening files outside the repository.
 
 A project's tests must pass from a fresh clone with nothing beside it; a test that reads
-``../shared/...`` passes on the author's machine and fails everywhere else. ``PathGuard``
+a file beside the checkout passes on the author's machine and fails everywhere else. ``PathGuard``
 installs an audit hook (``sys.addaudithook``) that sees every ``open`` (and directory listing)
 the Python process makes, and records those outside the allowed roots: the repository, the
 interpreter and its site-packages, the temporary directory, ``/dev``, ``/proc``, ``/sys``, and
