@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import attrs
 
@@ -32,9 +32,13 @@ class BadRepoId(InvalidRequest):
     """A string that is not a Hugging Face model repo id."""
 
 
+def is_repo_id(value: object) -> TypeGuard[str]:
+    return isinstance(value, str) and bool(_REPO_ID.match(value)) and ".." not in value
+
+
 def check_repo_id(value: object, *, param: str = "model") -> str:
     """`value` if it is an `owner/name` repo id; `BadRepoId` (a 400) otherwise."""
-    if not isinstance(value, str) or not _REPO_ID.match(value) or ".." in value:
+    if not is_repo_id(value):
         raise BadRepoId(
             f"{value!r} is not a Hugging Face repo id: expected 'owner/name' made of letters, "
             "digits, '.', '_' and '-'",
@@ -206,6 +210,22 @@ def pull(
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         progress(PullProgress(repo_id=repo_id, downloaded=size, total=size, done=True))
     return path
+
+
+def local_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot of `repo_id` (with the files a model needs), without any network
+    request; None when the cache does not have it."""
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        return Path(
+            huggingface_hub.snapshot_download(
+                repo_id, allow_patterns=MODEL_FILE_PATTERNS, local_files_only=True
+            )
+        )
+    except (hf_errors.LocalEntryNotFoundError, OSError):
+        return None
 
 
 def human_size(n: int) -> str:

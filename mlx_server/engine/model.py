@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-_HF_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 
 
 @attrs.define(eq=False)
@@ -225,33 +224,16 @@ def _resolve_hf_cache_root(path: Path) -> Path:
 
 def fetch_from_hub(repo_id: str) -> Path:
     """Use the local Hugging Face cache when it has the repo; otherwise download it there (with
-    huggingface_hub's progress bars), so later starts work offline."""
-    import huggingface_hub
-    from huggingface_hub import errors as hf_errors
+    huggingface_hub's progress bars), so later starts work offline (`mlx_server.hub`)."""
+    from .. import hub
 
-    try:
-        return Path(
-            huggingface_hub.snapshot_download(
-                repo_id, allow_patterns=_HF_PATTERNS, local_files_only=True
-            )
-        )
-    except (hf_errors.LocalEntryNotFoundError, FileNotFoundError, OSError):
-        pass
+    if not hub.is_repo_id(repo_id):
+        raise ModelLoadError(f"{repo_id}: no such model directory, file or Hugging Face repo id")
+    cached = hub.local_snapshot(repo_id)
+    if cached is not None:
+        return cached
     log.info("downloading %s from the Hugging Face hub into the local cache", repo_id)
-    try:
-        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=_HF_PATTERNS))
-    except hf_errors.GatedRepoError as exc:
-        raise ModelLoadError(f"Hugging Face repo {repo_id} is gated: log in first") from exc
-    except hf_errors.RepositoryNotFoundError as exc:
-        raise ModelLoadError(f"Hugging Face repo not found: {repo_id}") from exc
-    except hf_errors.RevisionNotFoundError as exc:
-        raise ModelLoadError(f"Hugging Face repo {repo_id}: revision not found") from exc
-    except hf_errors.LocalEntryNotFoundError as exc:
-        raise ModelLoadError(
-            f"cannot download {repo_id}: the hub is unreachable and the model is not cached"
-        ) from exc
-    except Exception as exc:  # network failures come in many types
-        raise ModelLoadError(f"cannot download {repo_id}: {exc}") from exc
+    return hub.pull(repo_id)
 
 
 def _read_config(model_dir: Path) -> dict[str, Any]:
