@@ -10,7 +10,7 @@ raised. Pure code: no MLX, trio or quart.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -26,6 +26,29 @@ class ToolCall:
 
 Piece = str | ToolCall
 Take = tuple[list[ToolCall] | None, int] | None
+
+
+def take_until(
+    buf: str,
+    end_marker: str,
+    final: bool,
+    parse: Callable[[str], list[ToolCall] | None],
+    *,
+    body_from: int | None = None,
+) -> Take:
+    """Read one piece of markup that ends at `end_marker`. `parse` gets the body between
+    `body_from` and the marker, or (`body_from` None) the whole markup, both ends included.
+    Unterminated markup waits for more text; at the end of the generation it is parsed as it
+    is (usually failing, so it comes back as text)."""
+    end = buf.find(end_marker, body_from or 0)
+    if end < 0:
+        if not final:
+            return None
+        return parse(buf if body_from is None else buf[body_from:]), len(buf)
+    used = end + len(end_marker)
+    return parse(buf[:used] if body_from is None else buf[body_from:end]), used
+
+
 """A family's verdict on markup at the start of the buffer: None to wait for more text, else
 (the calls, or None when malformed, and how many characters the markup used)."""
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from .base import Take, ToolCall, ToolParser, _arguments_text
+from .base import Take, ToolCall, ToolParser, _arguments_text, take_until
 
 
 def _marker(name: str) -> str:
@@ -30,11 +30,7 @@ class DeepSeekParser(ToolParser):
 
     def _take(self, buf: str, final: bool) -> Take:
         end_marker = CALLS_END if buf.startswith(CALLS_BEGIN) else CALL_END
-        end = buf.find(end_marker)
-        if end < 0:
-            return (_parse(buf), len(buf)) if final else None
-        used = end + len(end_marker)
-        return _parse(buf[:used]), used
+        return take_until(buf, end_marker, final, _parse)
 
 
 def _parse(markup: str) -> list[ToolCall] | None:

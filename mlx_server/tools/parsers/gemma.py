@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import Take, ToolCall, ToolParser, _arguments_text
+from .base import Take, ToolCall, ToolParser, _arguments_text, take_until
 
 
 class _Delimited(ToolParser):
@@ -15,10 +15,7 @@ class _Delimited(ToolParser):
     module = ""  # the mlx_lm.tool_parsers module that reads the body
 
     def _take(self, buf: str, final: bool) -> Take:
-        end = buf.find(self.end)
-        if end < 0:
-            return (self._parse(buf[len(self.starts[0]) :]), len(buf)) if final else None
-        return self._parse(buf[len(self.starts[0]) : end]), end + len(self.end)
+        return take_until(buf, self.end, final, self._parse, body_from=len(self.starts[0]))
 
     def _parse(self, body: str) -> list[ToolCall] | None:
         parse: Any = importlib.import_module(f"mlx_lm.tool_parsers.{self.module}").parse_tool_call

@@ -8,7 +8,7 @@ import json
 import re
 from typing import Any
 
-from .base import Take, ToolCall, ToolParser, convert_value
+from .base import Take, ToolCall, ToolParser, convert_value, take_until
 
 _PAIR = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
 
@@ -19,10 +19,7 @@ class GlmParser(ToolParser):
     end = "</tool_call>"
 
     def _take(self, buf: str, final: bool) -> Take:
-        end = buf.find(self.end)
-        if end < 0:
-            return (self._parse(buf[len(self.starts[0]) :]), len(buf)) if final else None
-        return self._parse(buf[len(self.starts[0]) : end]), end + len(self.end)
+        return take_until(buf, self.end, final, self._parse, body_from=len(self.starts[0]))
 
     def _parse(self, body: str) -> list[ToolCall] | None:
         at = body.find("<arg_key>")

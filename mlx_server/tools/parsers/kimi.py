@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from .base import Take, ToolCall, ToolParser, _arguments_text
+from .base import Take, ToolCall, ToolParser, _arguments_text, take_until
 
 SECTION_BEGIN = "<|tool_calls_section_begin|>"
 SECTION_END = "<|tool_calls_section_end|>"
@@ -24,11 +24,7 @@ class KimiK2Parser(ToolParser):
     def _take(self, buf: str, final: bool) -> Take:
         sectioned = buf.startswith(SECTION_BEGIN)
         end_marker = SECTION_END if sectioned else "<|tool_call_end|>"
-        end = buf.find(end_marker)
-        if end < 0:
-            return (_parse(buf), len(buf)) if final else None
-        used = end + len(end_marker)
-        return _parse(buf[:used]), used
+        return take_until(buf, end_marker, final, _parse)
 
 
 def _parse(markup: str) -> list[ToolCall] | None:

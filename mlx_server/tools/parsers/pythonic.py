@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any
 
-from .base import Take, ToolCall, ToolParser, _held_suffix
+from .base import Take, ToolCall, ToolParser, _held_suffix, take_until
 
 # Marker pairs around a call list.
 WRAPPERS = {
@@ -44,10 +44,7 @@ class PythonicParser(ToolParser):
     def _take(self, buf: str, final: bool) -> Take:
         for start, end_marker in WRAPPERS.items():
             if buf.startswith(start):
-                end = buf.find(end_marker, len(start))
-                if end < 0:
-                    return (self._parse(buf[len(start) :]), len(buf)) if final else None
-                return self._parse(buf[len(start) : end]), end + len(end_marker)
+                return take_until(buf, end_marker, final, self._parse, body_from=len(start))
         lead = len(buf) - len(buf.lstrip())
         head = buf[lead:]
         if not _LIST_HEAD.match(head):

@@ -7,7 +7,7 @@ import json
 import re
 from typing import Any
 
-from .base import Take, ToolCall, ToolParser, convert_value
+from .base import Take, ToolCall, ToolParser, convert_value, take_until
 
 _FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)
 _PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.DOTALL)
@@ -19,13 +19,7 @@ class Qwen3CoderParser(ToolParser):
 
     def _take(self, buf: str, final: bool) -> Take:
         end_marker = "</tool_call>" if buf.startswith("<tool_call>") else "</function>"
-        end = buf.find(end_marker)
-        if end < 0:
-            if not final:
-                return None
-            return self._parse(buf), len(buf)
-        used = end + len(end_marker)
-        return self._parse(buf[:used]), used
+        return take_until(buf, end_marker, final, self._parse)
 
     def _parse(self, markup: str) -> list[ToolCall] | None:
         calls: list[ToolCall] = []
