@@ -115,13 +115,15 @@ def _forced_custom(body: ResponsesRequest, shape: ChatShape) -> tuple[str, Const
     return name, ConstraintSpec.lark(fmt["definition"])
 
 
-def _convert(body: ResponsesRequest, *, stream: bool) -> tuple[Request, ChatShape, str | None]:
+def _convert(
+    body: ResponsesRequest, history: list[dict[str, Any]], *, stream: bool
+) -> tuple[Request, ChatShape, str | None]:
     if body.background:
         raise InvalidRequest("background responses are not supported", param="background")
     unknown = [i for i in body.include or [] if i not in INCLUDABLE]
     if unknown:
         raise InvalidRequest(f"'include' has unknown values {unknown}", param="include")
-    shape = to_chat(body.model_dump(by_alias=True), _history(body))
+    shape = to_chat(body.model_dump(by_alias=True), history)
     if shape.skipped_tools:
         log.info(
             "responses: built-in tools %s are not offered to the model (this server cannot "
@@ -192,9 +194,10 @@ def _base(body: ResponsesRequest) -> dict[str, Any]:
 @bp.post("/v1/responses")
 async def create_response() -> Response | dict[str, Any]:
     body = await parse(ResponsesRequest)
-    request, shape, custom = _convert(body, stream=bool(body.stream))
+    history = _history(body)
+    request, shape, custom = _convert(body, history, stream=bool(body.stream))
     request = await _truncated(body, request)
-    conversation = [*_history(body), *_input_items(body)]
+    conversation = [*history, *_input_items(body)]
     store = _store()
 
     def keep(response: dict[str, Any]) -> None:
@@ -253,7 +256,7 @@ async def list_input_items(response_id: str) -> dict[str, Any]:
 async def input_tokens() -> dict[str, Any]:
     """The prompt `/v1/responses` would read, counted the same way (`generation.prepare`)."""
     body = await parse(InputTokensRequest)
-    request, _, _ = _convert(body, stream=False)
+    request, _, _ = _convert(body, _history(body), stream=False)
     request = await _truncated(body, request)
     count = await prompt_tokens(await model_for(request), request)
     return {"object": "response.input_tokens", "input_tokens": count}
