@@ -61,9 +61,11 @@ class Settings:
     top_k: int | None = None
     min_p: float | None = None
     idle_unload: float = 0.0
-    # Prompt-lookup speculative decoding (engine/speculative.py).
+    # Speculative decoding: prompt lookup (engine/speculative.py) or a draft model
+    # (engine/draft.py).
     speculative: str = "auto"
     draft_tokens: int = 6
+    draft_model: str | None = None
     # Quantized KV cache (engine/kv_quant.py): 0 keeps it in the model's dtype.
     kv_bits: int = 0
     kv_group_size: int = 64
@@ -511,14 +513,15 @@ _OPTIONS += (
 _OPTIONS += (
     _Option(
         "speculative",
-        _choice("speculative mode", ("off", "ngram", "auto")),
-        "Prompt-lookup speculative decoding inside the batch: rows draft the tokens that "
-        "followed their latest n-gram in their own prompt and output, verified in the batch's "
-        "forward pass. auto drafts on a GPU for greedy rows where drafts pay (off on a CPU, "
-        "where verifying costs about as much as decoding each token); ngram "
-        "drafts for sampled rows too (rejection sampling keeps their distribution); off. Only "
-        "models whose caches can be cut (plain KV attention) draft.",
-        "off|ngram|auto",
+        _choice("speculative mode", ("off", "ngram", "draft", "auto")),
+        "Speculative decoding inside the batch: rows draft tokens, verified in the batch's "
+        "forward pass. ngram drafts the tokens that followed the row's latest n-gram in its "
+        "own prompt and output (prompt lookup); draft has --draft-model propose them; both "
+        "draft for sampled rows too (rejection sampling keeps their distribution). auto uses "
+        "the draft model when one is given, else prompt lookup, on a GPU for greedy rows "
+        "where drafts pay (off on a CPU, where verifying costs about as much as decoding each "
+        "token); off. Only models whose caches can be cut (plain KV attention) draft.",
+        "off|ngram|draft|auto",
         "auto",
     ),
     _Option(
@@ -527,6 +530,15 @@ _OPTIONS += (
         "Most tokens a row drafts per step (speculative decoding).",
         "N",
         "6",
+    ),
+    _Option(
+        "draft_model",
+        _model,
+        "A small model with the same tokenizer that drafts tokens for the served model "
+        "(speculative decoding: --speculative draft, or auto on a GPU). A path or a Hugging "
+        "Face repo id, as --model. Text models only; its caches must be plain KV.",
+        "PATH|REPO",
+        "none",
     ),
     _Option(
         "kv_bits",
@@ -683,6 +695,11 @@ def load_settings(
             except _BadValue as exc:
                 parser.error(f"{name}: {exc}")
             break
+    mode, draft = values.get("speculative"), values.get("draft_model")
+    if mode == "draft" and draft is None:
+        parser.error("--speculative draft needs --draft-model")
+    if draft is not None and mode in ("off", "ngram"):
+        parser.error(f"--draft-model is not used with --speculative {mode}")
     models = values.pop("model", None)
     if models:
         values["model"], values["more_models"] = models[0], tuple(models[1:])

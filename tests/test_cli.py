@@ -272,6 +272,21 @@ def test_size_flag_and_env() -> None:
     assert load_settings(["--prompt-cache-bytes", "0"], {}).prompt_cache_bytes == 0
 
 
+def test_draft_model_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    settings = load_settings(["--draft-model", "~/m/draft", "--speculative", "draft"], {})
+    assert settings.draft_model == os.path.expanduser("~/m/draft")
+    assert settings.speculative == "draft"
+    assert load_settings([], {"MLX_SERVER_DRAFT_MODEL": "org/small"}).draft_model == "org/small"
+    for argv, message in (
+        (["--speculative", "draft"], "--speculative draft needs --draft-model"),
+        (["--speculative", "ngram", "--draft-model", "x"], "not used with --speculative ngram"),
+        (["--speculative", "off", "--draft-model", "x"], "not used with --speculative off"),
+    ):
+        with pytest.raises(SystemExit) as excinfo:
+            load_settings(argv, {})
+        assert message in assert_usage_error(excinfo, capsys.readouterr().err)
+
+
 # --------------------------------------------------------------------------- help / version
 
 

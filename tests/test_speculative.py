@@ -11,7 +11,12 @@
 - sampled output keeps the model's distribution: on an 8-token vocabulary the distribution of
   each of the first four tokens is computed exactly (every continuation enumerated) and
   compared with 1,500 seeded speculative samples by a chi-square test;
-- models whose caches cannot be cut never draft.
+- models whose caches cannot be cut never draft;
+- a draft model (`engine.draft`) gives the same guarantees: greedy output token for token
+  with a draft model that always agrees (the model itself), one that often does (a perturbed
+  copy) and one that rarely does (other weights); sampled output keeps the target's
+  distribution when the drafts are drawn from another distribution; a draft model of another
+  vocabulary is refused.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from mlx.utils import tree_map_with_path
+from mlx.utils import tree_map, tree_map_with_path
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from mlx_server.engine.batch import BatchEngine
+from mlx_server.engine.draft import Drafter, DraftError, check_pair
 from mlx_server.engine.speculative import NgramIndex, accept_greedy, resolve, trim_rows
 from mlx_server.messages import (
     Admit,
@@ -226,6 +232,58 @@ def test_caches_that_cannot_be_cut_never_draft(tmp_path: Path, arch: str) -> Non
     assert engine.drafted == 0
 
 
+# -- a draft model ------------------------------------------------------------------------
+
+
+def perturbed(model: nn.Module, noise: float) -> nn.Module:
+    """A copy of `model` with every weight scaled by (1 + noise * N(0, 1))."""
+    copy = type(model)(model.args)  # type: ignore[call-arg, attr-defined]
+    mx.random.seed(0)
+    copy.update(tree_map(lambda w: w * (1 + noise * mx.random.normal(w.shape)), model.parameters()))
+    return copy
+
+
+@pytest.mark.slow
+def test_greedy_output_is_identical_with_a_draft_model(tmp_path: Path) -> None:
+    model, vocab = tiny(tmp_path, "llama", 0.3)
+    other, _ = build_tiny_model(tmp_path / "other", "llama", vocab_size=VOCAB, seed=5)
+    off = BatchEngine(model, eos_token_ids=[], vocab_size=vocab, prefill_chunk=24)
+    want = drive(off, *workload())[0]
+    assert len(want) == len(PROMPTS) + 3
+    rates = {}
+    for name, draft in (
+        ("itself", model),
+        ("perturbed", perturbed(model, 0.05)),
+        ("other", other),
+    ):
+        engine = BatchEngine(
+            model,
+            eos_token_ids=[],
+            vocab_size=vocab,
+            prefill_chunk=24,
+            speculative="draft",
+            drafter=Drafter(draft, vocab),
+        )
+        assert engine.speculative == "draft" and engine.drafter is not None
+        assert drive(engine, *workload())[0] == want, name
+        assert engine.drafted > 0, name
+        rates[name] = engine.accepted / engine.drafted
+        assert len(engine.drafter) == 0 and engine.drafter.cache is None  # every row left
+    assert rates["itself"] == 1.0
+    assert rates["other"] < rates["perturbed"] < 1.0, rates
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused(tmp_path: Path) -> None:
+    model, _ = build_tiny_model(tmp_path / "m", "llama", vocab_size=VOCAB)
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    check_pair(vocab, dict(vocab), model)
+    with pytest.raises(DraftError, match="same vocabulary"):
+        check_pair(vocab, {**vocab, "t1": 2, "t2": 1}, model)
+    window, _ = build_tiny_model(tmp_path / "g", "gemma3_text", vocab_size=VOCAB)
+    with pytest.raises(DraftError, match="plain KV"):
+        check_pair(vocab, dict(vocab), window)
+
+
 # -- sampled output keeps the target distribution ---------------------------------------------
 
 SMALL_VOCAB = 8
@@ -275,16 +333,28 @@ def chi_square(observed: list[int], expected: list[float]) -> float:
         SamplingParams(temperature=0.7, top_k=5),
     ],
 )
+@pytest.mark.parametrize("source", ["ngram", "draft"])
 def test_sampled_output_keeps_the_target_distribution(
-    tmp_path: Path, params: SamplingParams
+    tmp_path: Path, params: SamplingParams, source: str
 ) -> None:
     model, _ = build_tiny_model(
         tmp_path / "llama", "llama", vocab_size=SMALL_VOCAB, scale=1.5, seed=3
     )
     prompt = (1, 2, 3, 1, 2, 3, 4, 1, 2)
     expected = exact_marginals(model, prompt, params)
+    drafter = None
+    if source == "draft":  # other weights: drafts drawn from a distribution q != p
+        draft, _ = build_tiny_model(
+            tmp_path / "draft", "llama", vocab_size=SMALL_VOCAB, scale=1.5, seed=4
+        )
+        drafter = Drafter(draft, SMALL_VOCAB)
     engine = BatchEngine(
-        model, eos_token_ids=[], vocab_size=SMALL_VOCAB, speculative="ngram", keep_caches=False
+        model,
+        eos_token_ids=[],
+        vocab_size=SMALL_VOCAB,
+        speculative=source,
+        keep_caches=False,
+        drafter=drafter,
     )
     counts = [[0] * SMALL_VOCAB for _ in range(STEPS)]
     batch = 250
@@ -334,9 +404,11 @@ def _chi2_limit(dof: int) -> float:
 
 
 @pytest.mark.slow
-async def test_server_drafts_and_answers_as_mlx_lm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", ["ngram", "draft"])
+async def test_server_drafts_and_answers_as_mlx_lm(tmp_path: Path, source: str) -> None:
     """Concurrent greedy chat requests through the server give mlx-lm's own text, and
-    /metrics counts the drafts proposed and accepted. (ngram: auto is off on a CPU.)"""
+    /metrics counts the drafts proposed and accepted. (ngram and draft: auto is off on a
+    CPU. The draft model is a perturbed copy of the model, saved as a model directory.)"""
     import httpx
     import mlx_lm
     import trio
@@ -366,7 +438,12 @@ async def test_server_drafts_and_answers_as_mlx_lm(tmp_path: Path) -> None:
             "temperature": 0,
         }
 
-    args = ["--model", str(model_dir), "--speculative", "ngram"]
+    args = ["--model", str(model_dir), "--speculative", source]
+    if source == "draft":
+        draft_dir = tmp_path / "draft"
+        draft = perturbed(model, 0.05)
+        save_model_dir(draft_dir, draft, config, default_tokenizer())
+        args += ["--draft-model", str(draft_dir)]
     with run_server(args, log_path=tmp_path / "server.log") as server:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
             texts: dict[str, str] = {}

@@ -98,8 +98,10 @@ class Executor:
         kv_group_size: int = 64,
         disk_dir: str | None = None,
         disk_bytes: int = 8 << 30,
+        load_draft: Callable[[], LoadedModel] | None = None,
     ) -> None:
         self._load = load
+        self._load_draft = load_draft  # a draft model for speculative decoding
         # Distributed serving (rank 0): each turn's commands go to the other ranks first.
         self._lockstep = lockstep
         self._reset = False
@@ -171,6 +173,7 @@ class Executor:
         try:
             with MLX_TURNS:
                 loaded = self._load()
+                drafter = self._drafter(loaded)
         except ModelLoadError as exc:
             token.run_sync_soon(on_loaded, None, exc)
             return
@@ -214,7 +217,7 @@ class Executor:
 
             engine: BatchEngine = VisionBatchEngine(loaded.vision, **settings)
         else:
-            engine = BatchEngine(loaded.model, **settings)
+            engine = BatchEngine(loaded.model, drafter=drafter, **settings)
         self.can_reuse_prefix = engine.can_reuse
         if self._lockstep is not None:
             engine.share_tokens = self._lockstep.share_tokens
@@ -282,6 +285,26 @@ class Executor:
             )
         )
         return False
+
+    def _drafter(self, loaded: LoadedModel) -> Any:
+        """The draft model, loaded and checked against the model it drafts for, or None."""
+        if self._load_draft is None:
+            return None
+        from ..engine.draft import Drafter, DraftError, check_pair
+
+        if loaded.vision is not None:
+            raise ModelLoadError("--draft-model: vision-language models do not draft")
+        draft = self._load_draft()
+        try:
+            check_pair(
+                loaded.tokenizer.backend.get_vocab(with_added_tokens=True),
+                draft.tokenizer.backend.get_vocab(with_added_tokens=True),
+                draft.model,
+            )
+        except DraftError as exc:
+            raise ModelLoadError(f"--draft-model {draft.name}: {exc}") from None
+        log.info("%s drafts for %s", draft.name, loaded.name)
+        return Drafter(draft.model, _vocab_size(loaded))
 
     def _new_disk_hits(self, engine: Any) -> int:
         """States loaded from disk since the last step's report (loads happen at admission)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import trio
@@ -21,6 +22,7 @@ from .scheduler import GenerationMetrics, Scheduler
 
 if TYPE_CHECKING:
     from ..distributed.rank0 import Rank0
+    from ..engine.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ class ModelService:
                         kv_group_size=settings.kv_group_size,
                         disk_dir=settings.prompt_cache_dir,
                         disk_bytes=settings.prompt_cache_disk_bytes,
+                        load_draft=self._draft_loader(),
                     )
                     log.info("loading model %s (%s)", slot.name, slot.spec or "bundled default")
                     loaded = await nursery.start(executor.serve)
@@ -131,3 +134,15 @@ class ModelService:
     def busy(self) -> bool:
         fe = self.frontend
         return fe is not None and not fe.idle
+
+    def _draft_loader(self) -> Callable[[], LoadedModel] | None:
+        """--draft-model drafts for the first (default) model only, and not when the model is
+        sharded over processes (ranks could not agree on drafts)."""
+        settings = self.settings
+        draft = settings.draft_model
+        if draft is None or self.rank0 is not None or self.slot.spec != settings.model:
+            return None
+        return lambda: model_loading.load(
+            draft,
+            cpu_dequantize=settings.cpu_dequantize,  # type: ignore[arg-type]
+        )

@@ -36,6 +36,7 @@ from . import caches as cache_ops
 from .constrain import Constraint
 from .constrain import start as start_constraint
 from .disk_cache import DiskCache
+from .draft import Drafter
 from .kv_quant import BatchQuantKVCache, quantize_caches
 from .memory import prefill_budget
 from .sampling import RowSampler, sample_batch
@@ -98,6 +99,7 @@ class BatchEngine:
         kv_bits: int = 0,
         kv_group_size: int = 64,
         disk: DiskCache | None = None,
+        drafter: Drafter | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer  # compiles the grammars of constrained requests
@@ -155,6 +157,11 @@ class BatchEngine:
         )
         self.speculative = speculative if can_draft else "off"
         self.draft_tokens = max(1, draft_tokens)
+        # Draft-model speculative decoding (`engine.draft`): in draft mode, and in auto mode
+        # when a draft model is given; prompt lookup otherwise.
+        self.drafter = drafter if self.speculative in ("draft", "auto") else None
+        if self.speculative == "draft" and drafter is None:
+            self.speculative = "off"
         # The prompt cache on disk (`engine.disk_cache`): plain KV caches of a text model only
         # (a vision model's state depends on images its token ids do not name).
         text_model = isinstance(model, nn.Module)
@@ -219,6 +226,8 @@ class BatchEngine:
         self.running = []
         self.batch_cache = None
         self._pending = None
+        if self.drafter is not None:
+            self.drafter.clear()
         return [self._finished(s, reason, None) for s in seqs]
 
     def release(self, handles: Iterable[int]) -> None:
@@ -391,6 +400,8 @@ class BatchEngine:
                 mine.extend(new)
         self._batched = True
         self.running.extend(rows)
+        if self.drafter is not None:
+            self.drafter.join([s.prompt for s in rows])
 
     def _decode(self, events: list[StepEvent]) -> None:
         """One decode pass over the batch, kept one step ahead where it is safe.
@@ -405,7 +416,7 @@ class BatchEngine:
         if pending is None and self.speculative != "off":
             drafts = self._drafts()
             if drafts is not None:
-                self._speculate(drafts, events)
+                self._speculate(*drafts, events)
                 return
         if pending is None:
             inputs = mx.array([[s.generated[-1]] for s in self.running], dtype=mx.uint32)
@@ -465,8 +476,11 @@ class BatchEngine:
             index.extend(seq.generated[seen:])
         return index
 
-    def _drafts(self) -> list[list[int]] | None:
-        """Each row's draft ([] for rows that do not draft), or None when no row has one."""
+    def _drafts(self) -> tuple[list[list[int]], list[mx.array | None]] | None:
+        """Each row's draft ([] for rows that do not draft) and, for rows a draft model drafts
+        for by sampling, the distributions it drew them from; None when no row drafts."""
+        if self.drafter is not None:
+            return self._model_drafts(self.drafter)
         drafts: list[list[int]] = []
         for seq in self.running:
             room = seq.request.max_tokens - len(seq.generated) - 1
@@ -475,7 +489,26 @@ class BatchEngine:
                 draft = self._ngrams(seq).draft(min(seq.draft_len, self.draft_tokens, room))
             drafts.append(draft)
         ready = [s for s, d in zip(self.running, drafts, strict=True) if d]
-        return drafts if self._worth_it(ready) else None
+        if not self._worth_it(ready):
+            return None
+        return drafts, [None] * len(drafts)
+
+    def _model_drafts(
+        self, drafter: Drafter
+    ) -> tuple[list[list[int]], list[mx.array | None]] | None:
+        lengths: list[int] = []
+        for seq in self.running:
+            room = seq.request.max_tokens - len(seq.generated) - 1
+            ok = room > 0 and self._may_draft(seq)
+            lengths.append(min(seq.draft_len, self.draft_tokens, room) if ok else 0)
+        ready = [s for s, n in zip(self.running, lengths, strict=True) if n]
+        if not self._worth_it(ready):
+            return None
+        return drafter.propose(
+            [(s.prompt, s.generated) for s in self.running],
+            lengths,
+            [s.sampler for s in self.running],
+        )
 
     def _worth_it(self, ready: list[Sequence]) -> bool:
         """Whether a verification pass is worth making with these rows drafting. A lone row
@@ -495,10 +528,15 @@ class BatchEngine:
         the next step can verify drafts."""
         if self.speculative == "off":
             return False
-        ready = [s for s in self.running if self._may_draft(s) and self._ngrams(s).has_draft()]
+        if self.drafter is not None:  # a draft model always has a draft
+            ready = [s for s in self.running if self._may_draft(s)]
+        else:
+            ready = [s for s in self.running if self._may_draft(s) and self._ngrams(s).has_draft()]
         return self._worth_it(ready)
 
-    def _speculate(self, drafts: list[list[int]], events: list[StepEvent]) -> None:
+    def _speculate(
+        self, drafts: list[list[int]], dists: list[mx.array | None], events: list[StepEvent]
+    ) -> None:
         """One pass over the batch that verifies every row's draft (rows without one decode
         as usual in the same pass), then each row's cache is cut back to what it kept."""
         assert self.batch_cache is not None
@@ -515,7 +553,8 @@ class BatchEngine:
             idx = mx.array(plain, dtype=mx.int32)
             self._sample_rows(logits[idx, 0, :], [rows[i] for i in plain], events)
         drafting = [i for i, d in enumerate(drafts) if d]
-        chosen = self._verify(logits, rows, drafts, drafting)
+        chosen = self._verify(logits, rows, drafts, dists, drafting)
+        accepted = [0] * len(rows)
         for i, tokens in zip(drafting, chosen, strict=True):
             seq, draft = rows[i], drafts[i]
             self.drafted += len(draft)
@@ -528,6 +567,7 @@ class BatchEngine:
             if self.speculative == "auto":
                 seq.misses = 0 if len(tokens) > 1 else seq.misses + 1
                 seq.wait = min(1 << seq.misses, 16) - 1 if seq.misses else 0
+            accepted[i] = len(tokens) - 1
             n = 0
             for token in tokens:
                 n += 1
@@ -539,6 +579,9 @@ class BatchEngine:
                     break
             kept[i] = n
         trim_rows(self.batch_cache, kept, width)
+        if self.drafter is not None:
+            # The draft cache keeps the drafts the target accepted and emitted.
+            self.drafter.commit([min(a, k) for a, k in zip(accepted, kept, strict=True)])
         done: list[int] = []
         for i, seq in enumerate(rows):
             reason = self._finish_reason(seq, seq.generated[-1])
@@ -550,7 +593,12 @@ class BatchEngine:
             self._drop_rows(done)
 
     def _verify(
-        self, logits: mx.array, rows: list[Sequence], drafts: list[list[int]], drafting: list[int]
+        self,
+        logits: mx.array,
+        rows: list[Sequence],
+        drafts: list[list[int]],
+        dists: list[mx.array | None],
+        drafting: list[int],
     ) -> list[list[int]]:
         """The tokens each drafting row emits: its accepted drafts, then one of the model's."""
         if not drafting:
@@ -575,7 +623,9 @@ class BatchEngine:
             else:
                 sampler = rows[i].sampler
                 out.append(
-                    accept_sampled(per_row[j], drafts[i], sampler.params, sampler.next_key())
+                    accept_sampled(
+                        per_row[j], drafts[i], sampler.params, sampler.next_key(), dists[i]
+                    )
                 )
         return out
 
@@ -629,7 +679,7 @@ class BatchEngine:
         caches = list(self.batch_cache or [])
         for seq in self.prefilling:
             caches += seq.cache or []
-        total = 0
+        total = self.drafter.nbytes if self.drafter is not None else 0
         for c in caches:
             try:
                 total += int(c.nbytes)
@@ -731,6 +781,8 @@ class BatchEngine:
             for mine, new in zip(self.batch_cache, cache, strict=True):
                 mine.extend(new.merge([new]))
         self.running.append(seq)
+        if self.drafter is not None:
+            self.drafter.join([seq.prompt])
 
     def _row_cache(self, i: int) -> list[Any]:
         """Row i's cache on its own (for the prompt cache)."""
@@ -746,6 +798,8 @@ class BatchEngine:
             kept = [i for i in keep if i < len(self._pending)]
             self._pending = self._pending[mx.array(kept, dtype=mx.int32)] if kept else None
         self.running = [self.running[i] for i in keep]
+        if self.drafter is not None:
+            self.drafter.keep(keep)
         if not keep:
             self.batch_cache = None
         elif self.batch_cache is not None:

@@ -1,4 +1,5 @@
-"""Prompt-lookup speculative decoding for rows of the decode batch (no draft model).
+"""Speculative decoding for rows of the decode batch: prompt lookup, and the verification
+that drafts from a draft model (`engine.draft`) share.
 
 A row drafts the tokens that followed the last time its latest n-gram appeared in its own prompt
 or output (agents re-emitting a file, edits, quotes: text that is already there). The batch
@@ -7,10 +8,11 @@ step and keeps, per row, the longest draft prefix the model agrees with:
 
 - greedy rows accept a drafted token while it is the argmax, then emit the model's own token:
   the output is the one decoding without drafts gives, token for token;
-- sampled rows use rejection sampling against a point-mass draft: drafted token t is accepted
-  with probability p(t) under the row's own (temperature, top-k/top-p/min-p) distribution; on
-  rejection the token is drawn from p with t removed and renormalised. Each emitted token then
-  has exactly the distribution plain sampling gives.
+- sampled rows use rejection sampling: drafted token t is accepted with probability
+  min(1, p(t) / q(t)) under the row's own (temperature, top-k/top-p/min-p) distribution p and
+  the draft's q (a point mass for prompt lookup: then p(t)); on rejection the token is drawn
+  from max(p - q, 0) renormalised. Each emitted token then has exactly the distribution plain
+  sampling gives.
 
 The KV cache then holds positions for drafts that were rejected; `trim_rows` cuts each row back
 to what it accepted. Only plain KV caches can be cut that way (recurrent states cannot forget a
@@ -29,7 +31,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 from ..messages import SamplingParams
 from .sampling import filter_logits
 
-MODES = ("off", "ngram", "auto")
+MODES = ("off", "ngram", "draft", "auto")
 
 
 def resolve(mode: str) -> str:
@@ -95,32 +97,57 @@ def accept_greedy(targets: Sequence[int], draft: Sequence[int]) -> list[int]:
 
 
 def accept_sampled(
-    logits: mx.array, draft: Sequence[int], params: SamplingParams, key: mx.array | None
+    logits: mx.array,
+    draft: Sequence[int],
+    params: SamplingParams,
+    key: mx.array | None,
+    draft_probs: mx.array | None = None,
 ) -> list[int]:
-    """Tokens a sampled row emits (rejection sampling with a point-mass draft). `logits` are
-    the row's (len(draft) + 1, V) float32 logits, any logit bias applied."""
+    """Tokens a sampled row emits, by rejection sampling. `logits` are the row's
+    (len(draft) + 1, V) float32 logits, any logit bias applied; `draft_probs` the (len(draft),
+    V') distributions the drafts were drawn from (a draft model's), or None for a point-mass
+    draft (prompt lookup).
+
+    Drafted token t is kept with probability min(1, p(t) / q(t)); at the first one rejected
+    the token is drawn from max(p - q, 0), renormalised (for a point mass: p with t taken out).
+    Each emitted token then has the distribution plain sampling gives."""
     k = len(draft)
     filtered = mx.stack([filter_logits(logits[j], params) for j in range(k + 1)])
     probs = mx.softmax(filtered, axis=-1)
+    vocab = probs.shape[-1]
     ids = mx.array(list(draft), dtype=mx.int32)
     p_draft = mx.take_along_axis(probs[:k], ids[:, None], axis=1)[:, 0]
+    q: mx.array | None = None
+    if draft_probs is not None:
+        q = draft_probs[:, :vocab]
+        if q.shape[-1] < vocab:
+            q = mx.concatenate([q, mx.zeros((k, vocab - q.shape[-1]), dtype=q.dtype)], axis=1)
+        q_draft = mx.take_along_axis(q, ids[:, None], axis=1)[:, 0]
+    else:
+        q_draft = mx.ones((k,), dtype=mx.float32)
     if key is not None:
         key, sub = mx.random.split(key)
         u = mx.random.uniform(shape=(k,), key=sub)
     else:
         u = mx.random.uniform(shape=(k,))
-    mx.eval(p_draft, u)
+    mx.eval(p_draft, q_draft, u)
     p_list: list[float] = p_draft.tolist()  # type: ignore[assignment]
+    q_list: list[float] = q_draft.tolist()  # type: ignore[assignment]
     u_list: list[float] = u.tolist()  # type: ignore[assignment]
     out: list[int] = []
     for j in range(k):
-        if u_list[j] >= p_list[j]:
+        if u_list[j] * q_list[j] >= p_list[j]:
             break
         out.append(draft[j])
     j = len(out)
     if j < k:
-        # Rejected: draw from what is left of p once the drafted token is taken out.
-        row = mx.where(mx.arange(probs.shape[-1]) == draft[j], 0.0, probs[j])
+        # Rejected: draw from what p has beyond q (for a point mass, p without the draft).
+        if q is None:
+            row = mx.where(mx.arange(vocab) == draft[j], 0.0, probs[j])
+        else:
+            row = mx.maximum(probs[j] - q[j], 0.0)
+            # p <= q everywhere only when p == q, where rejection has probability 0.
+            row = mx.where(mx.sum(row) > 0, row, probs[j])
         choice = mx.random.categorical(mx.log(row), key=key)
     else:
         choice = mx.random.categorical(filtered[k], key=key)
