@@ -244,8 +244,10 @@ def perturbed(model: nn.Module, noise: float) -> nn.Module:
 
 
 @pytest.mark.slow
-def test_greedy_output_is_identical_with_a_draft_model(tmp_path: Path) -> None:
-    model, vocab = tiny(tmp_path, "llama", 0.3)
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral", "deepseek_v3"])
+def test_greedy_output_is_identical_with_a_draft_model(tmp_path: Path, arch: str) -> None:
+    model, vocab = tiny(tmp_path, arch, 0.3)
+    # The draft model needs only the vocabulary: a llama drafts for every family.
     other, _ = build_tiny_model(tmp_path / "other", "llama", vocab_size=VOCAB, seed=5)
     off = BatchEngine(model, eos_token_ids=[], vocab_size=vocab, prefill_chunk=24)
     want = drive(off, *workload())[0]
