@@ -66,6 +66,8 @@ class Settings:
     speculative: str = "auto"
     draft_tokens: int = 6
     draft_model: str | None = None
+    # Dense matmuls for quantized layers at row counts MLX's kernel is slow for (engine/qmatmul.py).
+    dense_matmul: str = "auto"
     # Quantized KV cache (engine/kv_quant.py): 0 keeps it in the model's dtype.
     kv_bits: int = 0
     kv_group_size: int = 64
@@ -539,6 +541,17 @@ _OPTIONS += (
         "Face repo id, as --model. Text models only; its caches must be plain KV.",
         "PATH|REPO",
         "none",
+    ),
+    _Option(
+        "dense_matmul",
+        _choice("dense matmul mode", ("auto", "on", "off")),
+        "Quantized layers multiply several rows at once (batched decode, verification passes, "
+        "the new part of a prompt) by dequantizing their weight and using the dense product, "
+        "for the row counts where that was measured faster than MLX's quantized kernel (timed "
+        "at load on the model's largest layer). auto: on MLX's CUDA backend, whose kernel for "
+        "a few rows is slow; on: on any GPU; off: always MLX's kernel.",
+        "auto|on|off",
+        "auto",
     ),
     _Option(
         "kv_bits",

@@ -79,6 +79,7 @@ class ModelService:
                             served_name=slot.name,
                             cpu_dequantize=settings.cpu_dequantize,  # type: ignore[arg-type]
                             sampling_overrides=settings.sampling_overrides,
+                            dense_matmul=settings.dense_matmul,
                             shard=self.rank0.shard if self.rank0 is not None else None,
                         ),
                         on_output=scheduler.on_executor_output,
@@ -145,4 +146,5 @@ class ModelService:
         return lambda: model_loading.load(
             draft,
             cpu_dequantize=settings.cpu_dequantize,  # type: ignore[arg-type]
+            dense_matmul=settings.dense_matmul,
         )

@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import ModelLoadError
-from . import model_info
+from . import model_info, qmatmul
 from .chat_template import ChatTemplate
 from .cpu import Policy, prepare_for_device
 from .memory import check_fits, weights_bytes
@@ -115,6 +115,7 @@ def load(
     cpu_dequantize: Policy = "never",
     shard: Callable[[nn.Module, dict[str, Any]], str] | None = None,
     sampling_overrides: Mapping[str, float] | None = None,
+    dense_matmul: str = "auto",
 ) -> LoadedModel:
     """Load the model a user configured (None: the bundled default), then prepare its weights
     for the device (see `engine.cpu`: float32 on a CPU with a fast BLAS).
@@ -125,13 +126,21 @@ def load(
     checked against this machine's memory.
 
     `sampling_overrides` (the server's `--temperature`, `--top-p`, `--top-k`, `--min-p`) are
-    merged over the model's own sampling defaults."""
+    merged over the model's own sampling defaults.
+
+    `dense_matmul` (`--dense-matmul`): where MLX's quantized kernel for several rows is slow,
+    quantized layers dequantize their weight for the row counts measured faster that way
+    (`engine.qmatmul`; not for a sharded model, whose layers are MLX's sharded ones)."""
     loaded = _load(spec, served_name, lazy=shard is not None)
     loaded.sampling_defaults = {**loaded.sampling_defaults, **(sampling_overrides or {})}
     if loaded.sampling_defaults:
         log.info("%s: sampling defaults %s", loaded.name, loaded.sampling_defaults)
     note = shard(loaded.model, loaded.config) if shard is not None else ""
     loaded.device_note = prepare_for_device(loaded.model, cpu_dequantize)
+    if shard is None:
+        dense = qmatmul.install(loaded.model, dense_matmul)
+        if dense:
+            loaded.device_note += "; " + dense
     if note:
         loaded.device_note += "; " + note
     params: Any = tree_flatten(loaded.model.parameters())
