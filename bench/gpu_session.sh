@@ -47,15 +47,15 @@ case "${1:-}" in
   stash) cp .gpu/mlxcuda.part.aa .gpu/gguf.a "$STASH"/ && ls -la "$STASH"; exit $? ;;
   stash-b) cp .gpu/gguf.b "$STASH"/ && ls -la "$STASH"; exit $? ;;
   scale)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    [ -n "${SKIP_INSTALL:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
       .gpu/mlx-*.whl .gpu/mlx_lm-*.whl .gpu/deps/*.whl || exit 4
-    cat "$STASH/mlxcuda.part.aa" .gpu/mlxcuda.part.ab | tar xJ -C /tmp/site || exit 5
-    cp -r .gpu/model-tok "$STASH/model-tok"
+    [ -n "${SKIP_INSTALL:-}" ] || { cat "$STASH/mlxcuda.part.aa" .gpu/mlxcuda.part.ab | tar xJ -C /tmp/site || exit 5; }
+    [ -d .gpu/model-tok ] && cp -r .gpu/model-tok "$STASH/"
     env_setup
     echo "installed at $(($(date +%s) - start))s"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
     for shape in 8b 1b 135m; do
-      python3 -m bench.gpu_model "/tmp/model-$shape" --tokenizer "$STASH/model-tok" --shape "$shape" \
+      [ -d "/tmp/model-$shape" ] || python3 -m bench.gpu_model "/tmp/model-$shape" --tokenizer "$STASH/model-tok" --shape "$shape" \
         | tee -a "$OUT/gpu.txt"
     done
     calibrate='
@@ -67,19 +67,34 @@ for path in sys.argv[1:]:
     loaded = load(path)
     print(path, "->", loaded.device_note, f"({time.time() - t:.1f} s)", flush=True)
 '
-    step calibrate 200 python3 -c "$calibrate" /tmp/model-8b /tmp/model-1b /tmp/model-135m
-    for shape in ${SHAPES:-8b 1b 135m}; do
-      if [ "$shape" = 8b ]; then
-        w=single,concurrent,long,prefix extra="--long-tokens 2000 --prefix-tokens 2000" b=${B8:-230}
-      else
-        w=single,concurrent extra="" b=${BSMALL:-110}
-      fi
-      # shellcheck disable=SC2086
-      step "load-$shape" "$b" python3 -m bench.load --model "/tmp/model-$shape" \
-        --systems ours,raw_shipped --tokens "${TOKENS:-128}" --streams "${STREAMS:-32,64}" \
-        --mix uniform --workloads "$w" --repeats "${REPEATS:-2}" --timeout 100 --warm-concurrent \
-        $extra --ours-args=--log-level=debug --json "$OUT/load-$shape.json" \
-        --log-dir "/tmp/gpu-logs/$shape"
+    for what in ${STEPS:-calibrate load}; do
+      case $what in
+        calibrate)
+          step calibrate 200 python3 -c "$calibrate" /tmp/model-8b /tmp/model-1b /tmp/model-135m ;;
+        modes)  # in process: speculative off/auto x dense off/on, 1 and 32 streams
+          step modes "${BMODES:-240}" python3 -m bench.decode_modes /tmp/model-1b /tmp/model-8b \
+            --tokens 128 --streams 32 --repeats 2 --json "$OUT/modes.jsonl" ;;
+        single)  # through the server: one stream, dense matmul off and auto
+          for d in off auto; do
+            step "single-$d" 100 python3 -m bench.load --model /tmp/model-1b --systems ours \
+              --tokens 128 --workloads single --repeats 3 --timeout 60 \
+              "--ours-args=--log-level=debug --dense-matmul $d" --log-dir "/tmp/gpu-logs/single-$d"
+          done ;;
+        load)
+          for shape in ${SHAPES:-8b 1b 135m}; do
+            if [ "$shape" = 8b ]; then
+              w=single,concurrent,long,prefix extra="--long-tokens 2000 --prefix-tokens 2000" b=${B8:-230}
+            else
+              w=single,concurrent extra="" b=${BSMALL:-110}
+            fi
+            # shellcheck disable=SC2086
+            step "load-$shape" "$b" python3 -m bench.load --model "/tmp/model-$shape" \
+              --systems ours,raw_shipped --tokens "${TOKENS:-128}" --streams "${STREAMS:-32,64}" \
+              --mix uniform --workloads "$w" --repeats "${REPEATS:-2}" --timeout 100 \
+              --warm-concurrent $extra "--ours-args=--log-level=debug ${OURS_ARGS:-}" \
+              --json "$OUT/load-$shape.json" --log-dir "/tmp/gpu-logs/$shape"
+          done ;;
+      esac
     done
     [ -d /tmp/gpu-logs ] && tar czf "$OUT/logs-scale.tar.gz" -C /tmp gpu-logs
     ;;

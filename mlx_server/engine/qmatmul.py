@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 
 MODES = ("auto", "on", "off")
 LADDER = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-GAIN = 0.8  # the dense way must take at most this fraction of the kernel's time
-REPEATS = 3
+GAIN = 0.75  # the dense way must take at most this fraction of the kernel's time
+REPEATS = 3  # timings per way and row count (the best counts)
+CALLS = 8  # products per timing, evaluated together (launch costs are then amortized)
 
 
 class RowsQuantizedLinear(nn.QuantizedLinear):
@@ -82,18 +83,26 @@ def _time(fn: Any, x: mx.array) -> float:
     best = float("inf")
     for _ in range(REPEATS):
         start = time.perf_counter()
-        mx.eval(fn(x))
+        mx.eval([fn(x) for _ in range(CALLS)])
         best = min(best, time.perf_counter() - start)
     return best
 
 
 def calibrate(model: Any, dtype: mx.Dtype = mx.bfloat16) -> tuple[frozenset[int], str]:
     """Row counts for which the dense way beat the kernel on the model's largest quantized
-    layer (empty: keep the kernel everywhere), and a note on what was measured."""
+    layer (empty: keep the kernel everywhere), and a note on what was measured. Only a run of
+    wins up to the ladder's top counts: the dense way's cost grows more slowly with the row
+    count than the kernel's, so a win below a loss is noise."""
     layers = _layers(model)
     if not layers:
         return frozenset(), ""
-    layer = max(layers, key=lambda m: m["weight"].size)
+    # The transformer blocks' layers run in every pass, the head only at the last position.
+    inner = [
+        m
+        for name, m in model.named_modules()
+        if type(m) is nn.QuantizedLinear and ".layers." in f".{name}"
+    ]
+    layer = max(inner or layers, key=lambda m: m["weight"].size)
     width = int(layer["scales"].shape[-1] * layer.group_size)
     dense: set[int] = set()
     ratios: list[str] = []
@@ -109,6 +118,8 @@ def calibrate(model: Any, dtype: mx.Dtype = mx.bfloat16) -> tuple[frozenset[int]
             ratios.append(f"{rows}:{flat / kernel:.2f}")
             if flat <= GAIN * kernel:
                 dense.add(rows)
+            else:
+                dense.clear()
     finally:
         layer.__class__ = nn.QuantizedLinear
         del probe.dense

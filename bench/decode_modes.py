@@ -1,0 +1,116 @@
+"""Decode speed of the batch engine in process, per engine setting, against raw mlx-lm.
+
+For each model given: raw mlx-lm's `generate_step` (one stream), then our engine with each
+combination of `--speculative` (off, auto) and `--dense-matmul` (off, on: every multi-row pass
+of a quantized layer dequantizes its weight), at 1 and `--streams` streams, interleaved over
+`--repeats` rounds (medians reported). Greedy, random prompts, end-of-sequence ignored.
+Decode tokens/s counts tokens after every stream has its first one.
+
+    python -m bench.decode_modes MODEL_DIR [MODEL_DIR ...] --tokens 128 --streams 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from typing import Any
+
+
+def raw(model: Any, prompt: list[int], tokens: int) -> float:
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    times = []
+    for _ in generate_step(
+        mx.array(prompt), model, max_tokens=tokens, sampler=lambda x: mx.argmax(x, -1)
+    ):
+        times.append(time.perf_counter())
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def ours(model: Any, vocab: int, prompts: list[list[int]], tokens: int, spec: str) -> float:
+    from mlx_server.engine.batch import BatchEngine
+    from mlx_server.messages import Admit, GenerationRequest, SamplingParams, TokenOut
+
+    engine = BatchEngine(
+        model, eos_token_ids=[], vocab_size=vocab, keep_caches=False, speculative=spec
+    )
+    for i, p in enumerate(prompts):
+        engine.admit(
+            Admit(
+                request=GenerationRequest(
+                    request_id=str(i),
+                    prompt_ids=tuple(p),
+                    sampling=SamplingParams(temperature=0.0),
+                    max_tokens=tokens,
+                    ignore_eos=True,
+                )
+            )
+        )
+    seen: set[str] = set()
+    started = None
+    counted = 0
+    while engine.has_work:
+        events = engine.step()
+        for ev in events:
+            if isinstance(ev, TokenOut):
+                if started is not None:
+                    counted += 1
+                seen.add(ev.request_id)
+        if started is None and len(seen) == len(prompts):
+            started = time.perf_counter()
+    assert started is not None
+    return counted / (time.perf_counter() - started)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--streams", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    import mlx.core as mx
+
+    from mlx_server.engine import qmatmul
+    from mlx_server.engine.model import load
+
+    for path in args.models:
+        loaded = load(path, dense_matmul="off")
+        model = loaded.model
+        vocab = int(loaded.config["vocab_size"])
+        rng = random.Random(0)
+        prompts = [[rng.randrange(vocab) for _ in range(args.prompt)] for _ in range(args.streams)]
+        layers = qmatmul._layers(model)
+        results: dict[str, list[float]] = {}
+        for _ in range(args.repeats):
+            results.setdefault("raw 1", []).append(raw(model, prompts[0], args.tokens))
+            for dense in ("off", "on"):
+                for layer in layers:  # every multi-row pass dense, or none
+                    layer.__class__ = qmatmul.RowsQuantizedLinear
+                    layer.dense = (  # type: ignore[attr-defined]
+                        frozenset(qmatmul.LADDER) if dense == "on" else frozenset()
+                    )
+                for spec in ("off", "auto"):
+                    for n in sorted({1, args.streams}):
+                        key = f"ours {n} spec={spec} dense={dense}"
+                        got = ours(model, vocab, prompts[:n], args.tokens, spec)
+                        results.setdefault(key, []).append(got)
+        base = statistics.median(results["raw 1"])
+        print(f"{path} on {mx.default_device()}: {args.tokens} tokens, medians of {args.repeats}")
+        for key, vals in results.items():
+            med = statistics.median(vals)
+            print(f"  {key:32s} {med:9.1f} tok/s  {med / base:5.2f}x raw 1 stream")
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps({"model": path, "run": key, "tok_s": vals}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
