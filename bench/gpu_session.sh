@@ -54,7 +54,7 @@ case "${1:-}" in
     env_setup
     echo "installed at $(($(date +%s) - start))s"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-    for shape in 8b 1b 135m; do
+    for shape in ${BUILD:-8b 1b 135m}; do
       [ -d "/tmp/model-$shape" ] || python3 -m bench.gpu_model "/tmp/model-$shape" --tokenizer "$STASH/model-tok" --shape "$shape" \
         | tee -a "$OUT/gpu.txt"
     done
@@ -70,15 +70,19 @@ for path in sys.argv[1:]:
     for what in ${STEPS:-calibrate load}; do
       case $what in
         calibrate)
-          step calibrate 200 python3 -c "$calibrate" /tmp/model-8b /tmp/model-1b /tmp/model-135m ;;
+          # shellcheck disable=SC2046
+          step calibrate 200 python3 -c "$calibrate" $(for m in ${BUILD:-8b 1b 135m}; do echo /tmp/model-$m; done) ;;
         modes)  # in process: speculative off/auto x dense off/on, 1 and 32 streams
           step modes "${BMODES:-240}" python3 -m bench.decode_modes /tmp/model-1b /tmp/model-8b \
             --tokens 128 --streams 32 --repeats 2 --json "$OUT/modes.jsonl" ;;
-        single)  # through the server: one stream, dense matmul off and auto
-          for d in off auto; do
-            step "single-$d" 100 python3 -m bench.load --model /tmp/model-1b --systems ours \
+        single)  # through the server: one stream, each of SINGLE_VARIANTS (;-separated flags)
+          IFS=';' read -r -a variants <<< "${SINGLE_VARIANTS:---dense-matmul off;--dense-matmul auto}"
+          i=0
+          for v in "${variants[@]}"; do
+            i=$((i + 1))
+            step "single-$i" 100 python3 -m bench.load --model /tmp/model-1b --systems ours \
               --tokens 128 --workloads single --repeats 3 --timeout 60 \
-              "--ours-args=--log-level=debug --dense-matmul $d" --log-dir "/tmp/gpu-logs/single-$d"
+              "--ours-args=--log-level=debug $v" --log-dir "/tmp/gpu-logs/single-$i"
           done ;;
         load)
           for shape in ${SHAPES:-8b 1b 135m}; do

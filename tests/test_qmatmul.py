@@ -51,28 +51,34 @@ def test_dense_rows_match_the_kernel_and_other_rows_use_it(
 
 
 def test_buckets() -> None:
-    assert [qmatmul._bucket(n) for n in (1, 2, 3, 5, 64, 65, 4096, 4097)] == [
+    assert [qmatmul._bucket(n) for n in (1, 2, 3, 5, 64, 65, 2048, 9000)] == [
         1,
         2,
         4,
         8,
         64,
         128,
-        4096,
-        8192,
+        2048,
+        2048,
     ]
 
 
-def test_calibration_times_the_ladder_and_restores_the_layer(tmp_path: Path) -> None:
+def test_calibration_times_the_ladder_and_restores_the_layers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(qmatmul, "LADDER", (2, 8, 32, 128))
     model, _ = build_tiny_model(tmp_path / "q", "llama", bits=4)
-    dense, note = qmatmul.calibrate(model, mx.float32)
+    dense, note = qmatmul.calibrate(model)
     assert dense <= set(qmatmul.LADDER)
+    if dense:  # a run of wins up to the top of the ladder
+        assert max(dense) == qmatmul.LADDER[-1]
+        assert dense == {n for n in qmatmul.LADDER if n >= min(dense)}
     for rows in qmatmul.LADDER:
         assert f" {rows}:" in f" {note.split(': ', 1)[1]}"
-    # The probed layer is a plain quantized layer again.
+    # The layers are plain quantized layers again.
     assert all(type(m) is nn.QuantizedLinear for m in qmatmul._layers(model))
     assert len(qmatmul._layers(model)) == 14
-    assert qmatmul.calibrate(nn.Linear(4, 4), mx.float32) == (frozenset(), "")
+    assert qmatmul.calibrate(nn.Linear(4, 4)) == (frozenset(), "")
 
 
 def test_a_switched_model_generates_the_same_tokens(tmp_path: Path) -> None:

@@ -9,9 +9,11 @@ row and a 41-token prompt ~0.1 s, while 2,000 tokens took 0.32 s (issue 18). For
 counts it is faster to dequantize the weight (one read of the packed weight, one write of it in
 the activations' dtype) and use the dense matrix product.
 
-Which row counts gain is measured, not assumed: `calibrate` times both ways on the model's
-largest quantized layer for a ladder of row counts, on the device, once at load, and the
-layers then take the dense way for the row counts where it was clearly faster.
+Which row counts gain is measured, not assumed: `calibrate` times whole forward passes both
+ways for a ladder of row counts, on the device, once at load, and the layers then take the
+dense way for the row counts where it was clearly faster. (Timing one layer alone misled: on
+an H200 it showed the kernel ahead below 256 rows, while whole passes of 32 rows ran 2.3x
+faster dense: bench/decode_modes.py.)
 """
 
 from __future__ import annotations
@@ -26,10 +28,9 @@ import mlx.nn as nn
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "on", "off")
-LADDER = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-GAIN = 0.75  # the dense way must take at most this fraction of the kernel's time
-REPEATS = 3  # timings per way and row count (the best counts)
-CALLS = 8  # products per timing, evaluated together (launch costs are then amortized)
+LADDER = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+GAIN = 0.8  # the dense way must take at most this fraction of the kernel's time
+REPEATS = 2  # timings per way and row count (the best counts)
 
 
 class RowsQuantizedLinear(nn.QuantizedLinear):
@@ -60,12 +61,13 @@ def _bucket(rows: int) -> int:
     for step in LADDER:
         if rows <= step:
             return step if rows > 1 else 1
-    return LADDER[-1] * 2  # beyond the ladder: never dense
+    return LADDER[-1]  # beyond the ladder: as its top
 
 
 def wanted(mode: str) -> bool:
-    """Whether to calibrate: auto on MLX's CUDA backend (its Metal kernels do not need it, and
-    on a CPU the weights are dequantized at load or multiplied by BLAS), on for any GPU."""
+    """Whether to switch: auto (calibrated) on MLX's CUDA backend (its Metal kernels do not
+    need it, and on a CPU the weights are dequantized at load or multiplied by BLAS); on (every
+    pass of several rows, no calibration) on any GPU."""
     if mode == "off" or mx.default_device() == mx.cpu:
         return False
     if mode == "on":
@@ -78,55 +80,52 @@ def _layers(model: Any) -> list[nn.QuantizedLinear]:
     return [m for _, m in model.named_modules() if type(m) is nn.QuantizedLinear]
 
 
-def _time(fn: Any, x: mx.array) -> float:
-    mx.eval(fn(x))  # compile and warm
+def _time(fn: Any, *args: Any) -> float:
+    mx.eval(fn(*args))  # compile and warm
     best = float("inf")
     for _ in range(REPEATS):
         start = time.perf_counter()
-        mx.eval([fn(x) for _ in range(CALLS)])
+        mx.eval(fn(*args))
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def calibrate(model: Any, dtype: mx.Dtype = mx.bfloat16) -> tuple[frozenset[int], str]:
-    """Row counts for which the dense way beat the kernel on the model's largest quantized
-    layer (empty: keep the kernel everywhere), and a note on what was measured. Only a run of
-    wins up to the ladder's top counts: the dense way's cost grows more slowly with the row
+def _set(layers: list[Any], dense: frozenset[int]) -> None:
+    for layer in layers:
+        layer.__class__ = RowsQuantizedLinear
+        layer.dense = dense
+
+
+def calibrate(model: Any) -> tuple[frozenset[int], str]:
+    """Row counts for which the dense way made the whole model's pass faster (empty: keep the
+    kernel everywhere), and a note on what was measured.
+
+    Each step of the ladder times one forward pass over that many one-token rows (what a
+    batched decode pass multiplies; no cache, so attention is trivial) both ways. Only a run
+    of wins up to the ladder's top counts: the dense way's cost grows more slowly with the row
     count than the kernel's, so a win below a loss is noise."""
-    layers = _layers(model)
+    layers: list[Any] = _layers(model)
     if not layers:
         return frozenset(), ""
-    # The transformer blocks' layers run in every pass, the head only at the last position.
-    inner = [
-        m
-        for name, m in model.named_modules()
-        if type(m) is nn.QuantizedLinear and ".layers." in f".{name}"
-    ]
-    layer = max(inner or layers, key=lambda m: m["weight"].size)
-    width = int(layer["scales"].shape[-1] * layer.group_size)
     dense: set[int] = set()
     ratios: list[str] = []
-    layer.__class__ = RowsQuantizedLinear
-    probe: Any = layer
     try:
         for rows in LADDER:
-            x = mx.random.normal((rows, width)).astype(dtype)
-            probe.dense = frozenset()
-            kernel = _time(probe, x)
-            probe.dense = frozenset({rows})
-            flat = _time(probe, x)
+            tokens = mx.zeros((rows, 1), dtype=mx.int32)
+            _set(layers, frozenset())
+            kernel = _time(model, tokens)
+            _set(layers, frozenset({rows}))
+            flat = _time(model, tokens)
             ratios.append(f"{rows}:{flat / kernel:.2f}")
             if flat <= GAIN * kernel:
                 dense.add(rows)
             else:
                 dense.clear()
     finally:
-        layer.__class__ = nn.QuantizedLinear
-        del probe.dense
-    note = f"dense/kernel time by rows on a {tuple(layer['weight'].shape)} layer: " + " ".join(
-        ratios
-    )
-    return frozenset(dense), note
+        for layer in layers:
+            layer.__class__ = nn.QuantizedLinear
+            del layer.dense
+    return frozenset(dense), "dense/kernel time of a pass by rows: " + " ".join(ratios)
 
 
 def install(model: Any, mode: str) -> str:
@@ -134,19 +133,12 @@ def install(model: Any, mode: str) -> str:
     count; returns a note for the log ("" when nothing was done)."""
     if not wanted(mode) or not _layers(model):
         return ""
-    dtype = _activation_dtype(model)
-    dense, note = calibrate(model, dtype)
+    if mode == "on":
+        _set(_layers(model), frozenset(LADDER))
+        return "dense matmul for every pass of several rows"
+    dense, note = calibrate(model)
     log.info("quantized matmul calibration: %s", note)
     if not dense:
         return ""
-    for layer in _layers(model):
-        layer.__class__ = RowsQuantizedLinear
-        layer.dense = dense  # type: ignore[attr-defined]
+    _set(_layers(model), dense)
     return f"dense matmul for {min(dense)}-{max(dense)} rows (measured faster)"
-
-
-def _activation_dtype(model: Any) -> mx.Dtype:
-    for _, m in model.named_modules():
-        if type(m) is nn.QuantizedLinear:
-            return m["scales"].dtype
-    return mx.bfloat16
