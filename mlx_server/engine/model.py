@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import ModelLoadError
-from . import model_info, qmatmul
+from . import attention, model_info, qmatmul
 from .chat_template import ChatTemplate
 from .cpu import Policy, prepare_for_device
 from .memory import check_fits, weights_bytes
@@ -137,6 +137,8 @@ def load(
         log.info("%s: sampling defaults %s", loaded.name, loaded.sampling_defaults)
     note = shard(loaded.model, loaded.config) if shard is not None else ""
     loaded.device_note = prepare_for_device(loaded.model, cpu_dequantize)
+    if attention.install():  # MLX's CUDA backend: no cuDNN graph per short attention shape
+        loaded.device_note += "; short attention as plain matrix products"
     if shard is None:
         dense = qmatmul.install(loaded.model, dense_matmul)
         if dense:
