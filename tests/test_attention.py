@@ -67,13 +67,18 @@ def test_routing(routed: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attention, "plain", spy)
     for length, span, sinks, want in (
         (4, 30, None, ["plain"]),  # a verification pass
-        (1, 30, None, []),  # decode: MLX's own kernel
+        (1, 30, None, []),  # decode of one row: MLX's own kernel
         (4, 30, mx.zeros((4,)), []),  # attention sinks: MLX's
     ):
         calls.clear()
         q, k, v = qkv(1, 4, 4, length, span)
         mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=None, sinks=sinks)
         assert calls == want, (length, span)
+    calls.clear()
+    q, k, v = qkv(2, 4, 4, 1, 30)  # batched decode with a padding mask
+    pad = mx.arange(30)[None, None, None, :] >= mx.array([0, 3])[:, None, None, None]
+    mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=pad)
+    assert calls == ["plain"]
     monkeypatch.setattr(attention, "MAX_SCORES", 4 * 4 * 29)
     calls.clear()
     q, k, v = qkv(1, 4, 4, 4, 30)
@@ -100,3 +105,42 @@ def test_a_model_generates_the_same_tokens_routed(tmp_path: Any) -> None:
     finally:
         attention.uninstall()
     assert attention._fused is None
+
+
+def test_the_batch_engine_gives_the_same_tokens_routed(tmp_path: Any) -> None:
+    """Rows of different lengths in one batch (padding masks), drafts verified (several query
+    positions over a growing cache): the same greedy tokens with attention routed."""
+    from mlx_server.engine.batch import BatchEngine
+    from mlx_server.messages import Admit, GenerationRequest, SamplingParams, TokenOut
+    from mlx_server.testing.tiny import build_tiny_model
+
+    model, _ = build_tiny_model(tmp_path / "m", "llama", vocab_size=64)
+    prompts = [tuple([5, 6, 7, 8] * 4), tuple(range(10, 33)), tuple([3, 4] * 3)]
+
+    def run() -> dict[str, list[int]]:
+        engine = BatchEngine(
+            model, eos_token_ids=[], vocab_size=64, prefill_chunk=16, speculative="ngram"
+        )
+        for i, p in enumerate(prompts):
+            request = GenerationRequest(
+                request_id=str(i),
+                prompt_ids=p,
+                sampling=SamplingParams(temperature=0.0),
+                max_tokens=30 + 5 * i,
+                ignore_eos=True,
+            )
+            engine.admit(Admit(request=request))
+        out: dict[str, list[int]] = {}
+        while engine.has_work:
+            for ev in engine.step():
+                if isinstance(ev, TokenOut):
+                    out.setdefault(ev.request_id, []).append(ev.token_id)
+        assert engine.drafted > 0
+        return out
+
+    want = run()
+    attention.install(force=True)
+    try:
+        assert run() == want
+    finally:
+        attention.uninstall()

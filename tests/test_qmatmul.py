@@ -33,7 +33,7 @@ def test_dense_rows_match_the_kernel_and_other_rows_use_it(
     inputs = {rows: mx.random.normal((rows, 128)) for rows in (1, 3, 8, 100)}
     want = {rows: layer(x) for rows, x in inputs.items()}
     layer.__class__ = qmatmul.RowsQuantizedLinear
-    layer.dense = frozenset({4, 8})  # type: ignore[attr-defined]
+    layer.dense = frozenset({8})  # type: ignore[attr-defined]
     calls: list[int] = []
     dequantize = mx.dequantize
 
@@ -46,21 +46,14 @@ def test_dense_rows_match_the_kernel_and_other_rows_use_it(
         calls.clear()
         got = layer(x)
         assert bool(mx.allclose(got, want[rows], atol=1e-4)), rows
-        # 3 rows are timed as the ladder's 4; 1 and 100 rows keep the kernel.
+        # 3 rows are timed as the ladder's 8; 1 and 100 rows keep the kernel.
         assert bool(calls) == (rows in (3, 8)), rows
 
 
 def test_buckets() -> None:
-    assert [qmatmul._bucket(n) for n in (1, 2, 3, 5, 64, 65, 2048, 9000)] == [
-        1,
-        2,
-        4,
-        8,
-        64,
-        128,
-        2048,
-        2048,
-    ]
+    assert qmatmul.LADDER == (2, 8, 32, 128, 512, 2048)
+    got = [qmatmul._bucket(n) for n in (1, 2, 3, 8, 9, 100, 2048, 9000)]
+    assert got == [1, 2, 8, 8, 32, 128, 2048, 2048]
 
 
 def test_calibration_times_the_ladder_and_restores_the_layers(

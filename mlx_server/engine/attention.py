@@ -9,8 +9,10 @@ H200 (MLX 0.32) one stream with prompt-lookup drafts decoded at 31 tok/s against
 without them, every verification pass stalling ~80 ms (bench/gpu_session.sh, issue 18).
 
 For such passes the scores matrix is small, and plain matrix products (cuBLAS, which needs no
-per-shape plan) compute attention at once. `install` routes them there on MLX's CUDA backend;
-long prompts (whose scores would be large) and single-position passes keep MLX's kernels.
+per-shape plan) compute attention at once. `install` routes them there on MLX's CUDA backend,
+and single-position passes with an array mask too (a batch's rows padded to one length, whose
+key count grows every step); long prompts (whose scores would be large) and unmasked
+single-position passes keep MLX's kernels.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ log = logging.getLogger(__name__)
 MAX_SCORES = 1 << 24
 
 _fused: Any = None  # MLX's own function, once `install` has replaced it
+# A masked score: finite, so that a row with every key masked (a padding position of a
+# left-padded batch) gives finite garbage that nothing reads, not NaNs.
+_MASKED = float(mx.finfo(mx.float32).min)
 
 
 def plain(
@@ -48,7 +53,7 @@ def plain(
         assert mask == "causal", mask
         rows = mx.arange(span - length, span)[:, None]
         allowed = rows >= mx.arange(span)[None, :]
-        scores = mx.where(allowed, scores, -mx.inf)
+        scores = mx.where(allowed, scores, _MASKED)
     elif mask is not None:
         m = mask
         if m.ndim == 4:  # (B or 1, Hq or 1, L, S): split the query heads into groups
@@ -57,7 +62,7 @@ def plain(
                 m.shape[0], hk if heads > 1 else 1, groups if heads > 1 else 1, *m.shape[2:]
             )
         if m.dtype == mx.bool_:
-            scores = mx.where(m, scores, -mx.inf)
+            scores = mx.where(m, scores, _MASKED)
         else:
             scores = scores + m.astype(mx.float32)
     probs = mx.softmax(scores, axis=-1).astype(values.dtype)
@@ -76,12 +81,8 @@ def _routed(
     **kwargs: Any,
 ) -> mx.array:
     b, hq, length, _ = queries.shape
-    if (
-        sinks is None
-        and not kwargs
-        and 1 < length
-        and b * hq * length * keys.shape[2] <= MAX_SCORES
-    ):
+    several = length > 1 or isinstance(mask, mx.array)  # a batch's padding mask, say
+    if sinks is None and not kwargs and several and b * hq * length * keys.shape[2] <= MAX_SCORES:
         return plain(queries, keys, values, scale=scale, mask=mask)
     return _fused(queries, keys, values, scale=scale, mask=mask, sinks=sinks, **kwargs)
 
