@@ -301,3 +301,38 @@ def test_burst_of_short_cached_prompts_is_read_in_one_batch(tiny_model) -> None:
     reads = [e for e in events if isinstance(e, PrefillProgress)]
     # One batch reads every prompt whole (a pass per request would start at the cached 30).
     assert [(e.done, e.total, e.cached) for e in reads] == [(38, 38, 0)] * 32
+
+
+async def test_a_burst_admitted_in_one_turn_reaches_the_scheduler_as_one_message(
+    tiny_model,
+) -> None:
+    """The executor drains a burst's admissions in one turn and sends what they produce with
+    that turn's step: one message for the burst, not one per request."""
+    from mlx_server.actors.executor import MLX_TURNS, Executor
+    from mlx_server.messages import StepOutput
+
+    outputs: list[StepOutput] = []
+    n = 8
+    finished = trio.Event()
+
+    def on_output(out: StepOutput) -> None:
+        outputs.append(out)
+        if sum(isinstance(e, SequenceFinished) for o in outputs for e in o.events) == n:
+            finished.set()
+
+    executor = Executor(lambda: tiny_model, on_output=on_output, keep_caches=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(executor.serve)
+        # Holding the executor's turn while the burst is queued: its thread takes them all
+        # in its next turn.
+        with MLX_TURNS:
+            for i in range(n):
+                executor.send(Admit(request=request(str(i), chat_prompt(i), max_tokens=3)))
+        with trio.fail_after(60):
+            await finished.wait()
+        nursery.cancel_scope.cancel()
+    first = outputs[0].events
+    admitted = {e.request_id for e in first if isinstance(e, PrefillProgress)}
+    assert admitted == {str(i) for i in range(n)}
+    # The same message carries the step that read the burst: every row's first token.
+    assert {e.request_id for e in first if isinstance(e, TokenOut)} == admitted

@@ -245,21 +245,26 @@ class Executor:
         post: Callable[[StepOutput], None],
         token: trio.lowlevel.TrioToken,
     ) -> bool:
-        """Handle the commands waiting, then run one step; True once told to shut down."""
+        """Handle the commands waiting, then run one step; True once told to shut down. What
+        the commands produce (admissions, aborts) goes out with the step's events, in one
+        message per turn however many requests a burst admits."""
         drained: list[Any] = []
+        handled: list[Any] = []
         while command is not None:
             if isinstance(command, Shutdown):
                 self._publish(drained, stop=True)
                 ended = engine.abort_all()
-                if ended:
-                    post(StepOutput(events=tuple(ended), batch_size=0))
+                if handled or ended:
+                    post(StepOutput(events=(*handled, *ended), batch_size=0))
                 return True
             if isinstance(command, Admit | Abort | ReleaseCache):
                 drained.append(command)
-            self._handle(engine, loaded, command, post, token)
+            handled += self._handle(engine, loaded, command, token)
             command = _get_nowait(self._inbox)
         self._publish(drained, step=engine.has_work)
         if not engine.has_work:
+            if handled:
+                post(StepOutput(events=tuple(handled), batch_size=len(engine.running)))
             return False
         drafted, accepted = engine.drafted, engine.accepted
         try:
@@ -272,11 +277,11 @@ class Executor:
                 for s in engine.abort_all("error")
             ]
             self._reset = True  # the other ranks end their requests too
-            post(StepOutput(events=tuple(failed), batch_size=0))
+            post(StepOutput(events=(*handled, *failed), batch_size=0))
             return False
         post(
             StepOutput(
-                events=tuple(events),
+                events=(*handled, *events),
                 batch_size=len(engine.running),
                 drafted=engine.drafted - drafted,
                 accepted=engine.accepted - accepted,
@@ -317,26 +322,24 @@ class Executor:
         engine: Any,
         loaded: LoadedModel,
         command: ExecutorCommand | Job,
-        post: Callable[[StepOutput], None],
         token: trio.lowlevel.TrioToken,
-    ) -> None:
+    ) -> list[Any]:
+        """Carry out one command; returns the events it produced."""
         if isinstance(command, Admit):
             try:
-                progress = engine.admit(command)
+                return [engine.admit(command)]
             except Exception as exc:  # one bad request must not take the executor down
                 log.exception("admitting %s failed", command.request.request_id)
-                failed = SequenceFailed(
-                    request_id=command.request.request_id,
-                    message=f"generation failed: {type(exc).__name__}: {exc}",
-                )
-                post(StepOutput(events=(failed,), batch_size=len(engine.running)))
-                return
-            post(StepOutput(events=(progress,), batch_size=len(engine.running)))
-        elif isinstance(command, Abort):
+                return [
+                    SequenceFailed(
+                        request_id=command.request.request_id,
+                        message=f"generation failed: {type(exc).__name__}: {exc}",
+                    )
+                ]
+        if isinstance(command, Abort):
             finished = engine.abort(command.request_id)
-            if finished is not None:
-                post(StepOutput(events=(finished,), batch_size=len(engine.running)))
-        elif isinstance(command, ReleaseCache):
+            return [finished] if finished is not None else []
+        if isinstance(command, ReleaseCache):
             engine.release(command.handles)
         elif isinstance(command, Job):
             try:
@@ -352,6 +355,7 @@ class Executor:
                 token.run_sync_soon(command.on_done, result, error)
             except trio.RunFinishedError:
                 pass
+        return []
 
     def _publish(self, commands: list[Any], *, step: bool = False, stop: bool = False) -> None:
         """Distributed serving: tell the other ranks what this turn does, before doing it."""
