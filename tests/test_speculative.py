@@ -481,3 +481,28 @@ async def test_server_drafts_and_answers_as_mlx_lm(tmp_path: Path, source: str) 
                 break
             ref.append(int(token))
         assert texts[t] == tok.decode(ref, skip_special_tokens=True), t
+
+
+def test_the_draft_model_drafts_for_the_first_model_only() -> None:
+    """Named or not, the first --model gets the draft model; the others, and a model sharded
+    over processes, do not."""
+    from types import SimpleNamespace
+    from typing import cast
+
+    from mlx_server.actors.service import ModelService
+    from mlx_server.config import load_settings
+
+    argv = ["--model", "big=/m/big", "--model", "/m/b", "--draft-model", "/d"]
+    settings = load_settings(argv, {})
+
+    def loader(default: bool, rank0: Any = None) -> object:
+        slot = SimpleNamespace(name="x", spec="/m/big" if default else "/m/b", default=default)
+        service = ModelService(slot, settings, cast(Any, None), rank0=rank0)
+        return service._draft_loader()
+
+    assert callable(loader(True))
+    assert loader(False) is None
+    assert loader(True, rank0=object()) is None
+    plain = load_settings(["--model", "/m/big"], {})
+    slot = SimpleNamespace(name="x", spec="/m/big", default=True)
+    assert ModelService(slot, plain, cast(Any, None))._draft_loader() is None

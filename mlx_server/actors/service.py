@@ -32,6 +32,7 @@ class ModelIdentity(Protocol):
 
     name: str
     spec: str | None
+    default: bool  # the first --model (the one --draft-model drafts for)
 
 
 class ModelService:
@@ -141,7 +142,7 @@ class ModelService:
         sharded over processes (ranks could not agree on drafts)."""
         settings = self.settings
         draft = settings.draft_model
-        if draft is None or self.rank0 is not None or self.slot.spec != settings.model:
+        if draft is None or self.rank0 is not None or not self.slot.default:
             return None
         return lambda: model_loading.load(
             draft,
