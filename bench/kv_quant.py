@@ -4,7 +4,10 @@ conversations fit in a memory budget, and agreement with the unquantized cache's
 In process, on the batch engine, one model:
 
 - bytes per token: a stored single-request cache (prompt + output) over its length;
-- decode tokens/s of one stream after a prompt of each `--contexts` length (random tokens);
+- decode tokens/s of one stream after a prompt of each `--contexts` length (random tokens), or
+  with `--filled-contexts`, after a cache filled with that many random keys and values (the
+  decode cost is the same, and a CPU takes hours to read a real 16K prompt through a 135M
+  model in float32);
 - conversations of `--conversation` tokens that fit in `--budget` bytes of KV cache;
 - agreement: for a few chat prompts, how many of the first `--tokens` greedy tokens equal
   the unquantized cache's.
@@ -73,6 +76,49 @@ def run(
     return out, tps, stored
 
 
+def filled_decode(loaded: Any, bits: int, group: int, context: int, tokens: int) -> float:
+    """Decode tokens/s of one row whose cache holds `context` random positions (the engine's
+    own cache types for `bits`), greedy, timed after a warm-up step."""
+    import mlx.core as mx
+
+    from mlx_server.engine.batch import BatchEngine
+
+    engine = BatchEngine(
+        loaded.model,
+        eos_token_ids=[],
+        vocab_size=int(loaded.config.get("vocab_size") or loaded.tokenizer.vocab_size),
+        kv_bits=bits,
+        kv_group_size=group,
+    )
+    cache = engine._new_cache()
+    args = loaded.model.args
+    kv_heads = getattr(args, "num_key_value_heads", None) or args.num_attention_heads
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+    dtype = next(v for _, v in _leaves(loaded.model) if mx.issubdtype(v.dtype, mx.floating)).dtype
+    dtype = mx.float32 if dtype == mx.float32 else mx.float16
+    for c in cache:
+        chunk = 2048
+        for start in range(0, context, chunk):
+            n = min(chunk, context - start)
+            k = mx.random.normal((1, kv_heads, n, head_dim)).astype(dtype)
+            c.update_and_fetch(k, k * 0.5)
+            mx.eval(c.state)
+    token = mx.array([[1000]])
+    times = []
+    for _ in range(tokens + 1):
+        logits = loaded.model(token, cache=cache)[:, -1, :]
+        token = mx.argmax(logits, axis=-1)[:, None]
+        mx.eval(token)
+        times.append(time.perf_counter())
+    return (len(times) - 2) / (times[-1] - times[1])
+
+
+def _leaves(model: Any) -> list[tuple[str, Any]]:
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(model.parameters())  # type: ignore[return-value]
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     return sum(1 for _ in itertools.takewhile(lambda ab: ab[0] == ab[1], zip(a, b, strict=True)))
 
@@ -83,6 +129,7 @@ def main() -> None:
     ap.add_argument("--bits", default="0,8,4")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--contexts", default="2048")
+    ap.add_argument("--filled-contexts", default="", help="e.g. 2048,16384: caches of random KV")
     ap.add_argument("--decode", type=int, default=32, help="tokens decoded per context")
     ap.add_argument("--tokens", type=int, default=32, help="tokens compared for agreement")
     ap.add_argument("--conversation", type=int, default=8192)
@@ -123,6 +170,9 @@ def main() -> None:
             prompt = [rng.randrange(1000, 20000) for _ in range(ctx)]
             _, tps, _ = run(loaded, prompt, bits, args.group_size, args.decode)
             row[f"decode_tok_s_{ctx}"] = tps
+        for ctx in (int(c) for c in args.filled_contexts.split(",") if c):
+            tps = filled_decode(loaded, bits, args.group_size, ctx, args.decode)
+            row[f"decode_tok_s_filled_{ctx}"] = tps
         rows.append(row)
         print(json.dumps(row))
     if args.json:
