@@ -31,41 +31,6 @@ def raw(model: Any, prompt: list[int], tokens: int) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def ours(model: Any, vocab: int, prompts: list[list[int]], tokens: int, spec: str) -> float:
-    from mlx_server.engine.batch import BatchEngine
-    from mlx_server.messages import Admit, GenerationRequest, SamplingParams, TokenOut
-
-    engine = BatchEngine(
-        model, eos_token_ids=[], vocab_size=vocab, keep_caches=False, speculative=spec
-    )
-    for i, p in enumerate(prompts):
-        engine.admit(
-            Admit(
-                request=GenerationRequest(
-                    request_id=str(i),
-                    prompt_ids=tuple(p),
-                    sampling=SamplingParams(temperature=0.0),
-                    max_tokens=tokens,
-                    ignore_eos=True,
-                )
-            )
-        )
-    seen: set[str] = set()
-    started = None
-    counted = 0
-    while engine.has_work:
-        events = engine.step()
-        for ev in events:
-            if isinstance(ev, TokenOut):
-                if started is not None:
-                    counted += 1
-                seen.add(ev.request_id)
-        if started is None and len(seen) == len(prompts):
-            started = time.perf_counter()
-    assert started is not None
-    return counted / (time.perf_counter() - started)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("models", nargs="+")
@@ -80,6 +45,8 @@ def main() -> None:
 
     from mlx_server.engine import qmatmul
     from mlx_server.engine.model import load
+
+    from .speculative import engine_run
 
     for path in args.models:
         loaded = load(path, dense_matmul="off")
@@ -100,7 +67,7 @@ def main() -> None:
                 for spec in ("off", "auto"):
                     for n in sorted({1, args.streams}):
                         key = f"ours {n} spec={spec} dense={dense}"
-                        got = ours(model, vocab, prompts[:n], args.tokens, spec)
+                        got = engine_run(loaded, prompts[:n], args.tokens, spec, 6)["tok_s"]
                         results.setdefault(key, []).append(got)
         base = statistics.median(results["raw 1"])
         print(f"{path} on {mx.default_device()}: {args.tokens} tokens, medians of {args.repeats}")
