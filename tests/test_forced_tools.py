@@ -209,6 +209,23 @@ def test_json_inside_the_call_is_compact() -> None:
         assert {tok.decode([t]) for t in after} == {'"'}, family
 
 
+def test_a_bounded_xml_value_counts_characters() -> None:
+    """`maxLength` bounds characters: the XML families' `<X` unit (two characters) once let a
+    sampled 8-character-bounded value run to 9 (seen at temperature 1 in a CI run)."""
+    tok = default_tokenizer()
+    spec = call_grammar(family_format("qwen3_coder"), TOOLS, "get_time")
+    assert spec is not None
+
+    def accepts(value: str) -> bool:
+        c = constrain.start(spec, tok)
+        text = f"<tool_call>\n<function=get_time>\n<parameter=zone>\n{value}\n</parameter>\n"
+        return all(c.advance(t) for t in tok.encode(text))
+
+    assert accepts("Europe/P")  # 8 characters
+    assert not accepts("Europe/Pa")  # 9
+    assert not accepts("\t\t\t ES?<a")  # 9 characters, 8 units of the old grammar
+
+
 def test_loose_grammar_keeps_names_and_markup() -> None:
     tok = default_tokenizer()
     for family in FAMILIES:

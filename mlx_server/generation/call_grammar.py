@@ -164,9 +164,14 @@ class _Grammar:
             bound = f"{{{int(low)},{high}}}"
         else:
             bound = f"{{{int(low)},}}" if low else "*"
+        unit = _TEXT_UNIT[style]
+        if isinstance(high, int) and style == "xml":
+            # The XML unit `<X` is two characters: counted as one, a value could run past its
+            # maxLength. A bounded XML value holds no `<`.
+            unit = "[^<]"
         if any(m in close for m in self.special):  # a special token cannot be in a regex
-            return self.rule(self._quoted(f"/{_TEXT_UNIT[style]}{bound}/", style) + tail)
-        text = f"/{_TEXT_UNIT[style]}{bound}{_escape(close)}/"
+            return self.rule(self._quoted(f"/{unit}{bound}/", style) + tail)
+        text = f"/{unit}{bound}{_escape(close)}/"
         return self.rule(self._quoted(text, style))
 
     def _python_value(self, schema: dict[str, Any], types: Any) -> str:
