@@ -506,3 +506,46 @@ def test_the_draft_model_drafts_for_the_first_model_only() -> None:
     plain = load_settings(["--model", "/m/big"], {})
     slot = SimpleNamespace(name="x", spec="/m/big", default=True)
     assert ModelService(slot, plain, cast(Any, None))._draft_loader() is None
+
+
+@pytest.mark.slow
+def test_draft_rows_follow_the_batch_through_aborts(tmp_path: Path) -> None:
+    """Rows aborted mid-generation and a row joining late: the draft cache keeps one row per
+    decoding row, in order, and the rows left give the tokens they give without drafts."""
+    model, vocab = tiny(tmp_path, "llama", 0.3)
+
+    def run(drafter: Drafter | None) -> dict[str, list[int]]:
+        engine = BatchEngine(
+            model,
+            eos_token_ids=[],
+            vocab_size=vocab,
+            prefill_chunk=24,
+            speculative="off" if drafter is None else "draft",
+            drafter=drafter,
+        )
+        for i, p in enumerate(PROMPTS):
+            engine.admit(Admit(request=request(str(i), p, 60)))
+        tokens: dict[str, list[int]] = collections.defaultdict(list)
+        steps = 0
+        while engine.has_work:
+            steps += 1
+            if steps == 6:
+                engine.abort("1")
+            if steps == 9:
+                engine.admit(Admit(request=request("late", PROMPTS[2][:5], 30)))
+            if steps == 12:
+                engine.abort("late")
+            for ev in engine.step():
+                if isinstance(ev, TokenOut):
+                    tokens[ev.request_id].append(ev.token_id)
+            if drafter is not None:
+                assert len(drafter) == len(engine.running), steps
+        if drafter is not None:
+            assert engine.drafted > 0
+        tokens.pop("1", None)
+        tokens.pop("late", None)
+        return dict(tokens)
+
+    drafter = Drafter(perturbed(model, 0.05), vocab)
+    assert run(drafter) == run(None)
+    assert drafter.cache is None and len(drafter) == 0
