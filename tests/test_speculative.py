@@ -270,7 +270,7 @@ def test_greedy_output_is_identical_with_a_draft_model(tmp_path: Path, arch: str
         assert drive(engine, *workload())[0] == want, name
         assert engine.drafted > 0, name
         rates[name] = engine.accepted / engine.drafted
-        assert len(engine.drafter) == 0 and engine.drafter.cache is None  # every row left
+        assert engine.drafter.rows == 0 and engine.drafter.cache is None  # every row left
     assert rates["itself"] == 1.0
     assert rates["other"] < rates["perturbed"] < 1.0, rates
 
@@ -539,7 +539,7 @@ def test_draft_rows_follow_the_batch_through_aborts(tmp_path: Path) -> None:
                 if isinstance(ev, TokenOut):
                     tokens[ev.request_id].append(ev.token_id)
             if drafter is not None:
-                assert len(drafter) == len(engine.running), steps
+                assert drafter.rows == len(engine.running), steps
         if drafter is not None:
             assert engine.drafted > 0
         tokens.pop("1", None)
@@ -548,4 +548,4 @@ def test_draft_rows_follow_the_batch_through_aborts(tmp_path: Path) -> None:
 
     drafter = Drafter(perturbed(model, 0.05), vocab)
     assert run(drafter) == run(None)
-    assert drafter.cache is None and len(drafter) == 0
+    assert drafter.cache is None and drafter.rows == 0

@@ -66,7 +66,10 @@ class Drafter:
         self._fed = 0  # draft tokens fed in the last `propose` (positions `commit` cuts)
         self._missing: list[int] = []
 
-    def __len__(self) -> int:
+    @property
+    def rows(self) -> int:
+        """Rows in the draft cache (a property, not `len`: an empty drafter must not be
+        falsy where the code asks whether there is one)."""
         return len(self.held)
 
     @property
