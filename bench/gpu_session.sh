@@ -8,8 +8,10 @@
 #                                      #   .gpu/mlx_lm-*.whl .gpu/deps .gpu/model-tok
 #   bash bench/gpu_session.sh beyond   # carry .gpu/gguf.c
 # scale: installs, builds random 4-bit llamas of the 8B, 1B and 135M shapes with the real
-#   tokenizer, prints the dense-matmul calibration (engine/qmatmul.py) of each, then runs
-#   bench.load (ours vs raw mlx-lm's BatchGenerator) on them.
+#   tokenizer (BUILD), prints the dense-matmul calibration (engine/qmatmul.py) of each, runs one
+#   1B stream through the server with --speculative off and auto (SINGLE_VARIANTS: auto stalled
+#   on cuDNN's per-shape attention graphs before engine/attention.py), then bench.load (ours vs
+#   raw mlx-lm's BatchGenerator) on SHAPES. STEPS picks among calibrate, modes, single, load.
 # beyond: the default model (SmolLM2-135M GGUF) for prompt-lookup speculative decoding
 #   (bench/speculative.py), the 8B shape with an early-exit draft model, the quantized KV
 #   cache at 2K and 16K context, the prompt cache on disk with an 8K prefix (1B shape).
@@ -67,7 +69,7 @@ for path in sys.argv[1:]:
     loaded = load(path)
     print(path, "->", loaded.device_note, f"({time.time() - t:.1f} s)", flush=True)
 '
-    for what in ${STEPS:-calibrate load}; do
+    for what in ${STEPS:-calibrate single load}; do
       case $what in
         calibrate)
           # shellcheck disable=SC2046
@@ -76,7 +78,7 @@ for path in sys.argv[1:]:
           step modes "${BMODES:-240}" python3 -m bench.decode_modes /tmp/model-1b /tmp/model-8b \
             --tokens 128 --streams 32 --repeats 2 --json "$OUT/modes.jsonl" ;;
         single)  # through the server: one stream, each of SINGLE_VARIANTS (;-separated flags)
-          IFS=';' read -r -a variants <<< "${SINGLE_VARIANTS:---dense-matmul off;--dense-matmul auto}"
+          IFS=';' read -r -a variants <<< "${SINGLE_VARIANTS:---speculative off;--speculative auto}"
           i=0
           for v in "${variants[@]}"; do
             i=$((i + 1))
