@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any, Literal
 
-import pydantic
 from pydantic.json_schema import models_json_schema
 from quart import Quart
 
@@ -29,11 +28,10 @@ from .admin import openapi as admin_doc
 from .anthropic import protocol as anthropic
 from .ollama import openapi as ollama_doc
 from .openai import protocol as openai
+from .openapi_parts import ModelTable, Schema, ref
 from .protocol import Response
 from .responses import protocol as responses
 from .state import state
-
-Schema = dict[str, Any]
 
 OPENAPI_VERSION = "3.1.0"
 DOCUMENT_PATH = "/openapi.json"
@@ -51,7 +49,7 @@ class Health(Response):
 
 
 # name in the document -> (model, mode)
-MODELS: dict[str, tuple[type[pydantic.BaseModel], Literal["validation", "serialization"]]] = {
+MODELS: ModelTable = {
     "ChatCompletionRequest": (openai.ChatCompletionRequest, "validation"),
     "CompletionRequest": (openai.CompletionRequest, "validation"),
     "EmbeddingRequest": (openai.EmbeddingRequest, "validation"),
@@ -98,10 +96,6 @@ def _obj(properties: dict[str, Schema], required: Sequence[str] = (), **extra: A
         schema["required"] = list(required)
     schema.update(extra)
     return schema
-
-
-def _ref(name: str) -> Schema:
-    return {"$ref": f"#/components/schemas/{name}"}
 
 
 def _generated() -> dict[str, Schema]:
@@ -258,7 +252,7 @@ class _Builder:
         schemas["ChatCompletionStreamEvent"] = _openai_event("ChatCompletionChunk")
         schemas["CompletionStreamEvent"] = _openai_event("Completion")
         schemas["ResponseStreamEvent"] = _sse_event(
-            _json_text(_ref("ResponseEvent")),
+            _json_text(ref("ResponseEvent")),
             event={"type": "string", "description": "the event's `type`"},
             description="One event of a Responses stream (response.created ... "
             "response.completed / incomplete / failed), each with its sequence_number.",
@@ -267,8 +261,8 @@ class _Builder:
         events["error"] = "AnthropicError"
         schemas["AnthropicStreamEvent"] = {
             "anyOf": [
-                _sse_event(_json_text(_ref(ref)), event={"const": name})
-                for name, ref in events.items()
+                _sse_event(_json_text(ref(target)), event={"const": name})
+                for name, target in events.items()
             ],
             "description": "One event of an Anthropic stream: message_start, ping, "
             "content_block_start/_delta/_stop, message_delta, message_stop, or error.",
@@ -292,7 +286,7 @@ class _Builder:
 
     def error_responses(self, *, anthropic: bool) -> dict[str, Any]:
         name = "Anthropic" if anthropic else "OpenAI"
-        schema = _ref("AnthropicError" if anthropic else "OpenAIError")
+        schema = ref("AnthropicError" if anthropic else "OpenAIError")
         descriptions = {
             400: "Invalid request: bad JSON, a wrong type or range (`param` names the field), "
             "a prompt longer than the context.",
@@ -350,7 +344,7 @@ class _Builder:
                 "required": True,
                 "content": {
                     "application/json": {
-                        "schema": _ref(request),
+                        "schema": ref(request),
                         "examples": self.examples(request),
                     }
                 },
@@ -433,12 +427,12 @@ class _Builder:
         def json_ok(description: str, schema: str) -> dict[str, Any]:
             return {
                 "description": description,
-                "content": {"application/json": {"schema": _ref(schema)}},
+                "content": {"application/json": {"schema": ref(schema)}},
             }
 
         def streaming_ok(description: str, schema: str, event: str) -> dict[str, Any]:
             ok = json_ok(description, schema)
-            ok["content"]["text/event-stream"] = {"schema": _ref(event)}
+            ok["content"]["text/event-stream"] = {"schema": ref(event)}
             return ok
 
         anthropic_headers = {
@@ -697,7 +691,7 @@ class _Builder:
 def _openai_event(chunk: str) -> Schema:
     """One event of an OpenAI stream: a chunk, an in-band error (then [DONE]), or the final
     `data: [DONE]`."""
-    payload = {"anyOf": [_ref(chunk), _ref("OpenAIError")]}
+    payload = {"anyOf": [ref(chunk), ref("OpenAIError")]}
     return _sse_event(
         {"anyOf": [{"const": "[DONE]"}, _json_text(payload)]},
         event={"const": "message"},

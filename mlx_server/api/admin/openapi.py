@@ -3,17 +3,15 @@ OpenAI's shape, the pull's progress as server-sent events."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-import pydantic
-
+from ..openapi_parts import ModelTable, Schema, ref
 from . import protocol as p
 
-Schema = dict[str, Any]
 TAG = "Admin"
 TAG_DESCRIPTION = "Model management (`/admin/*`, behind --api-key): load, unload, pull."
 
-MODELS: dict[str, tuple[type[pydantic.BaseModel], Literal["validation", "serialization"]]] = {
+MODELS: ModelTable = {
     "AdminModelRequest": (p.ModelRequest, "validation"),
     "AdminPullRequest": (p.PullRequest, "validation"),
     "AdminModels": (p.AdminModels, "serialization"),
@@ -23,15 +21,11 @@ MODELS: dict[str, tuple[type[pydantic.BaseModel], Literal["validation", "seriali
 }
 
 
-def _ref(name: str) -> Schema:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
 def error_responses() -> dict[str, Any]:
     return {
         "Admin409": {
             "description": "The model has requests in flight (`model_busy`).",
-            "content": {"application/json": {"schema": _ref("OpenAIError")}},
+            "content": {"application/json": {"schema": ref("OpenAIError")}},
         }
     }
 
@@ -53,12 +47,12 @@ def pull_event() -> Schema:
                     "data": {
                         "type": "string",
                         "contentMediaType": "application/json",
-                        "contentSchema": _ref(ref),
+                        "contentSchema": ref(target),
                     },
                 },
                 "required": ["data"],
             }
-            for name, ref in events.items()
+            for name, target in events.items()
         ],
         "description": pull_event.__doc__,
     }
@@ -67,13 +61,13 @@ def pull_event() -> Schema:
 def _responses(ok: Schema, statuses: tuple[int, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {"200": ok}
     for status in statuses:
-        ref = "Admin409" if status == 409 else f"OpenAI{status}"
-        out[str(status)] = {"$ref": f"#/components/responses/{ref}"}
+        target = "Admin409" if status == 409 else f"OpenAI{status}"
+        out[str(status)] = {"$ref": f"#/components/responses/{target}"}
     return out
 
 
 def _json(description: str, schema: str) -> Schema:
-    return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
+    return {"description": description, "content": {"application/json": {"schema": ref(schema)}}}
 
 
 def _post(summary: str, operation_id: str, request: str, ok: Schema, example: Any) -> Schema:
@@ -86,7 +80,7 @@ def _post(summary: str, operation_id: str, request: str, ok: Schema, example: An
             "required": True,
             "content": {
                 "application/json": {
-                    "schema": _ref(request),
+                    "schema": ref(request),
                     "examples": {"plain": {"value": example}},
                 }
             },
@@ -134,7 +128,7 @@ def paths(model: str) -> dict[str, Any]:
                 "AdminPullRequest",
                 {
                     "description": "Server-sent events: start, progress..., done or error.",
-                    "content": {"text/event-stream": {"schema": _ref("AdminPullEvent")}},
+                    "content": {"text/event-stream": {"schema": ref("AdminPullEvent")}},
                 },
                 {"repo": "mlx-community/SmolLM2-135M-Instruct"},
             )

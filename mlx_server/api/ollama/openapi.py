@@ -4,17 +4,15 @@ described one line at a time."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-import pydantic
-
+from ..openapi_parts import ModelTable, Schema, ref
 from . import protocol as p
 
-Schema = dict[str, Any]
 TAG = "Ollama"
 TAG_DESCRIPTION = 'Ollama-compatible routes (`/api/*`): NDJSON streams, `{"error": ...}` errors.'
 
-MODELS: dict[str, tuple[type[pydantic.BaseModel], Literal["validation", "serialization"]]] = {
+MODELS: ModelTable = {
     "OllamaChatRequest": (p.ChatRequest, "validation"),
     "OllamaGenerateRequest": (p.GenerateRequest, "validation"),
     "OllamaEmbedRequest": (p.EmbedRequest, "validation"),
@@ -56,15 +54,11 @@ _ERRORS = {
 }
 
 
-def _ref(name: str) -> Schema:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
 def error_responses() -> dict[str, Any]:
     return {
         f"Ollama{status}": {
             "description": description,
-            "content": {"application/json": {"schema": _ref("OllamaError")}},
+            "content": {"application/json": {"schema": ref("OllamaError")}},
         }
         for status, description in _ERRORS.items()
     }
@@ -84,11 +78,11 @@ def _json(description: str, schema: Schema) -> Schema:
 def _answer(description: str, name: str) -> Schema:
     """A whole answer (`"stream": false`) or an NDJSON stream of the same objects (an error after
     the stream began is a last `{"error": ...}` line)."""
-    line = {"anyOf": [_ref(name), _ref("OllamaError")]}
+    line = {"anyOf": [ref(name), ref("OllamaError")]}
     return {
         "description": description,
         "content": {
-            "application/json": {"schema": _ref(name)},
+            "application/json": {"schema": ref(name)},
             "application/x-ndjson": {"schema": line},  # one object per line
         },
     }
@@ -112,7 +106,7 @@ def _post(
         "tags": [TAG],
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": _ref(request), "examples": examples}},
+            "content": {"application/json": {"schema": ref(request), "examples": examples}},
         },
         "responses": _responses(ok, tuple(sorted(statuses))),
     }
@@ -173,7 +167,7 @@ def paths(model: str) -> dict[str, Any]:
                 "Embed (Ollama)",
                 "ollamaEmbed",
                 "OllamaEmbedRequest",
-                _json("The vectors, in input order.", _ref("OllamaEmbedded")),
+                _json("The vectors, in input order.", ref("OllamaEmbedded")),
                 {"plain": {"value": {"model": model, "input": ["Paris", "Rome"]}}},
             )
         },
@@ -182,7 +176,7 @@ def paths(model: str) -> dict[str, Any]:
                 "Embed one prompt (Ollama, legacy)",
                 "ollamaEmbeddings",
                 "OllamaEmbeddingsRequest",
-                _json("The vector.", _ref("OllamaEmbeddedLegacy")),
+                _json("The vector.", ref("OllamaEmbeddedLegacy")),
                 {"plain": {"value": {"model": model, "prompt": "Paris"}}},
             )
         },
@@ -191,7 +185,7 @@ def paths(model: str) -> dict[str, Any]:
                 "Describe a model (Ollama)",
                 "ollamaShow",
                 "OllamaShowRequest",
-                _json("The model's details and capabilities.", _ref("OllamaShow")),
+                _json("The model's details and capabilities.", ref("OllamaShow")),
                 {"plain": {"value": {"model": model}}},
             )
         },
@@ -209,14 +203,14 @@ def paths(model: str) -> dict[str, Any]:
             }
         },
         "/api/tags": {
-            "get": _get("The served models (Ollama)", "ollamaTags", _json("", _ref("OllamaTags")))
+            "get": _get("The served models (Ollama)", "ollamaTags", _json("", ref("OllamaTags")))
         },
         "/api/ps": {
-            "get": _get("The loaded models (Ollama)", "ollamaPs", _json("", _ref("OllamaRunning")))
+            "get": _get("The loaded models (Ollama)", "ollamaPs", _json("", ref("OllamaRunning")))
         },
         "/api/version": {
             "get": _get(
-                "The Ollama API version followed", "ollamaVersion", _json("", _ref("OllamaVersion"))
+                "The Ollama API version followed", "ollamaVersion", _json("", ref("OllamaVersion"))
             )
         },
     }
