@@ -479,36 +479,26 @@ class BatchEngine:
     def _drafts(self) -> tuple[list[list[int]], list[mx.array | None]] | None:
         """Each row's draft ([] for rows that do not draft) and, for rows a draft model drafts
         for by sampling, the distributions it drew them from; None when no row drafts."""
+        lengths = [self._draft_length(seq) for seq in self.running]
         if self.drafter is not None:
-            return self._model_drafts(self.drafter)
-        drafts: list[list[int]] = []
-        for seq in self.running:
-            room = seq.request.max_tokens - len(seq.generated) - 1
-            draft: list[int] = []
-            if room > 0 and self._may_draft(seq):
-                draft = self._ngrams(seq).draft(min(seq.draft_len, self.draft_tokens, room))
-            drafts.append(draft)
+            ready = [s for s, n in zip(self.running, lengths, strict=True) if n]
+            if not self._worth_it(ready):
+                return None
+            texts = [(s.prompt, s.generated) for s in self.running]
+            return self.drafter.propose(texts, lengths, [s.sampler for s in self.running])
+        rows = zip(self.running, lengths, strict=True)
+        drafts = [self._ngrams(s).draft(n) if n else [] for s, n in rows]
         ready = [s for s, d in zip(self.running, drafts, strict=True) if d]
         if not self._worth_it(ready):
             return None
         return drafts, [None] * len(drafts)
 
-    def _model_drafts(
-        self, drafter: Drafter
-    ) -> tuple[list[list[int]], list[mx.array | None]] | None:
-        lengths: list[int] = []
-        for seq in self.running:
-            room = seq.request.max_tokens - len(seq.generated) - 1
-            ok = room > 0 and self._may_draft(seq)
-            lengths.append(min(seq.draft_len, self.draft_tokens, room) if ok else 0)
-        ready = [s for s, n in zip(self.running, lengths, strict=True) if n]
-        if not self._worth_it(ready):
-            return None
-        return drafter.propose(
-            [(s.prompt, s.generated) for s in self.running],
-            lengths,
-            [s.sampler for s in self.running],
-        )
+    def _draft_length(self, seq: Sequence) -> int:
+        """How many tokens this row drafts this step (0: none)."""
+        room = seq.request.max_tokens - len(seq.generated) - 1
+        if room <= 0 or not self._may_draft(seq):
+            return 0
+        return min(seq.draft_len, self.draft_tokens, room)
 
     def _worth_it(self, ready: list[Sequence]) -> bool:
         """Whether a verification pass is worth making with these rows drafting. A lone row
