@@ -18,6 +18,7 @@ faster dense: bench/decode_modes.py.)
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from typing import Any
@@ -40,7 +41,7 @@ class RowsQuantizedLinear(nn.QuantizedLinear):
 
     def __call__(self, x: mx.array) -> mx.array:
         rows = x.size // x.shape[-1] if x.shape[-1] else 0
-        if _bucket(rows) not in self.dense:
+        if rows < 2 or _bucket(rows) not in self.dense:  # (a decode row: no lookup)
             return super().__call__(x)
         w = mx.dequantize(
             self["weight"],
@@ -57,11 +58,11 @@ class RowsQuantizedLinear(nn.QuantizedLinear):
 
 
 def _bucket(rows: int) -> int:
-    """The ladder step a row count is timed as (the smallest one not below it)."""
-    for step in LADDER:
-        if rows <= step:
-            return step if rows > 1 else 1
-    return LADDER[-1]  # beyond the ladder: as its top
+    """The ladder step a row count is timed as (the smallest one not below it; beyond the
+    ladder, its top)."""
+    if rows <= 1:
+        return 1
+    return LADDER[min(bisect.bisect_left(LADDER, rows), len(LADDER) - 1)]
 
 
 def wanted(mode: str) -> bool:
